@@ -133,9 +133,9 @@ def from_flat_dict(flat: dict[str, Any]) -> dict[str, Any]:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"path {path!r} goes through a leaf at {part!r}")
+                raise ValueError(f"path {path!r} is both a leaf and a subtree (at {part!r})")
         if last in node:
-            raise ValueError(f"duplicate path {path!r}")
+            raise ValueError(f"path {path!r} is both a leaf and a subtree")
         node[last] = leaf
 
     def listify(node: Any) -> Any:

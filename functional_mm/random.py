@@ -121,6 +121,8 @@ def bits(k: torch.Tensor, shape: Shape, device: torch.device | str | None = None
 def _device(k: torch.Tensor, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
+    if torch.compiler.is_compiling():  # dynamo cannot trace get_default_device; meta init never compiles
+        return k.device
     default = torch.get_default_device()
     return default if default.type == "meta" else k.device
 

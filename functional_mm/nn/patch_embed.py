@@ -39,7 +39,9 @@ def apply(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     w = p["weight"]
     patch = tuple(w.shape[2:])
     if x.dim() != 2 + len(patch):
-        raise ValueError(f"patch_embed: expected a {2 + len(patch)}-D input for patch {patch}, got {x.dim()}-D")
+        raise ValueError(
+            f"patch_embed: expected a {2 + len(patch)}-D input for patch {patch}, got {x.dim()}-D"
+        )
     conv = F.conv2d if len(patch) == 2 else F.conv3d
     y = conv(x, w, p.get("bias"), stride=patch)  # [B, D, (F',) H', W']
     return y.flatten(2).transpose(1, 2)
