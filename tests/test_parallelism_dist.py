@@ -1,0 +1,279 @@
+"""functional_mm.parallelism on real gloo process groups (2 and 4 CPU processes, tiny tensors).
+
+Spawning processes is the expensive part on a 2-core machine, so one 4-process run does all the checks that
+need a healthy group and returns a report; the tests below assert on parts of it. Failure modes (exceptions,
+hangs, bad meshes) get their own short 2-process runs.
+"""
+
+import os
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import Partial, Replicate, Shard
+
+from functional_mm import nn, pytree, random
+from functional_mm.parallelism import (
+    RankError,
+    abstract_init,
+    constrain,
+    describe,
+    gather,
+    make_mesh,
+    run_local,
+    shard,
+    sharded_init,
+    use_mesh,
+    visualize,
+)
+from functional_mm.parallelism._describe import shard_ranges
+
+R, S = Replicate(), Shard
+RULES_2D = [
+    ("vocab", ("fsdp", "tp")),
+    ("heads", "tp"),
+    ("kv_heads", "tp"),
+    ("mlp", "tp"),
+    ("embed", "fsdp"),
+    ("norm", None),
+    ("act_batch", "fsdp"),
+    ("act_seq", None),
+    ("act_embed", "tp"),
+    ("act_mlp", "tp"),
+]
+RULES_FSDP = [(name, "fsdp") for name in ("vocab", "heads", "kv_heads", "mlp", "embed", "norm")]
+
+
+def _block(key):
+    ka, km, ke = random.split(key, 3)
+    return {
+        "embed": nn.embedding.init(ke, 24, 8),  # [vocab, embed]
+        "attn": nn.attention.init(ka, 8, 4, 2),  # q/o [8, 8], k/v [4, 8]
+        "mlp": nn.mlp.init_gated(km, 8, 16),  # gate/up [16, 8], down [8, 16]
+        "norm": nn.norms.init_rms_norm(8),
+    }
+
+
+def _equal_trees(a, b) -> bool:
+    return pytree.same_structure(a, b) and all(
+        torch.equal(x, y) for x, y in zip(pytree.leaves(a), pytree.leaves(b))
+    )
+
+
+def _locals_match_ranges(tree, full) -> bool:
+    """Every local shard equals the slice of the full tensor that ``shard_ranges`` predicts for this rank."""
+    for x, f in zip(pytree.leaves(tree), pytree.leaves(full)):
+        mesh = x.device_mesh
+        ranges = shard_ranges(x.shape, x.placements, mesh.shape, mesh.get_coordinate())
+        expected = f[tuple(slice(s, s + n) for s, n in ranges)]
+        if not torch.equal(x.to_local(), expected):
+            return False
+    return True
+
+
+def _per_rank_bytes(table: str) -> tuple[int, int]:
+    m = re.search(r"total: [\d,]+ params, ([\d,]+) bytes .*per rank \(max\): ([\d,]+) bytes", table)
+    return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+
+
+def _four_ranks() -> dict:
+    """Runs on 4 ranks; returns {check: [value on rank 0, 1, 2, 3]}."""
+    out: dict = {}
+    mesh2 = make_mesh({"fsdp": 2, "tp": 2})
+    mesh1 = make_mesh({"fsdp": -1})
+    params, axes = nn.unbox(_block(random.key(0)))
+
+    # shard / gather round trips, and DTensor's layout equals ours (shard_ranges)
+    s2 = shard(params, axes, mesh2, RULES_2D)
+    s1 = shard(params, axes, mesh1, RULES_FSDP)
+    out["roundtrip_2x2"] = _equal_trees(gather(s2), params)
+    out["roundtrip_fsdp4"] = _equal_trees(gather(s1), params)
+    out["locals_match"] = _locals_match_ranges(s2, params) and _locals_match_ranges(s1, params)
+    out["placements"] = {p: tuple(x.placements) for p, x in pytree.flatten_with_paths(s2)[0]}
+    out["vocab_block"] = torch.equal(
+        s2["embed"]["weight"].to_local(), params["embed"]["weight"].chunk(4)[dist.get_rank()]
+    )
+    out["visualize"] = visualize(s2["attn"]["o"]["weight"])
+    out["visualize_1d"] = visualize(s2["norm"]["scale"])
+
+    # describe on fsdp=4, with one uneven leaf: per-rank bytes ~ total / 4
+    odd = {**params, "odd": torch.arange(10 * 8, dtype=torch.float32).reshape(10, 8)}
+    odd_axes = {**axes, "odd": ("vocab", "embed")}
+    try:
+        shard(odd, odd_axes, mesh1, RULES_FSDP)
+    except ValueError as e:
+        out["uneven_error"] = str(e)
+    s_odd = shard(odd, odd_axes, mesh1, RULES_FSDP, allow_uneven=True)
+    out["uneven_roundtrip"] = _equal_trees(gather(s_odd), odd)
+    out["describe_fsdp4"] = describe(s_odd, odd_axes)
+    out["local_bytes"] = sum(x.to_local().numel() * x.element_size() for x in pytree.leaves(s_odd))
+    five = shard({"w": torch.arange(5.0)}, {"w": ("vocab",)}, mesh1, RULES_FSDP, allow_uneven=True)
+    out["five_local"] = five["w"].to_local().tolist()
+    out["five_roundtrip"] = torch.equal(gather(five)["w"], torch.arange(5.0))
+    out["visualize_five"] = visualize(five["w"])
+
+    # constrain: placements change, gradients equal the single-process ones
+    x = random.normal(random.key(1), (4, 6, 8)).requires_grad_()
+    with use_mesh(mesh2, RULES_2D):
+        y = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        z = constrain(y, ("act_batch", "act_seq", None))
+    out["constrain_placements"] = (tuple(y.placements), tuple(z.placements), tuple(y.to_local().shape))
+    (gx,) = torch.autograd.grad((z.sin() * z).sum().full_tensor(), x)
+    xr = x.detach().requires_grad_()
+    (ref,) = torch.autograd.grad((xr.sin() * xr).sum(), xr)
+    out["constrain_grad"] = (torch.allclose(gx, ref, atol=1e-6), gx.sum().item(), ref.sum().item())
+
+    # an FSDP x TP matmul, the weight used as is (DTensor's op propagation gathers it) and all-gathered over
+    # fsdp by an explicit redistribute: same numbers, but only the explicit, differentiable redistribute
+    # brings the gradient back reduce-scattered; propagation leaves it Partial over fsdp
+    wr = params["mlp"]["up"]["weight"].clone().requires_grad_()
+    rx, rw = torch.autograd.grad((nn.linear.apply({"weight": wr}, xr) ** 2).sum(), [xr, wr])
+    out["matmul_grads"] = {}
+    for explicit in (False, True):
+        w = s2["mlp"]["up"]["weight"].detach().requires_grad_()  # [16, 8] (mlp: tp, embed: fsdp)
+        with use_mesh(mesh2, RULES_2D):
+            wu = w.redistribute(mesh2, (R, S(0))) if explicit else w
+            h = nn.linear.apply({"weight": wu}, constrain(x, ("act_batch", "act_seq", "act_embed")))
+            h = constrain(h, ("act_batch", "act_seq", "act_mlp"))
+        gx, gw = torch.autograd.grad((h * h).sum().full_tensor(), [x, w])
+        out["matmul_grads"][explicit] = (
+            tuple(gw.placements),
+            torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw.full_tensor(), rw, atol=1e-5),
+        )
+
+    # sharded init: equal to plain init, no full tensor kept alive, abstract init agrees on layout and memory
+    for name, mesh, rules in (("2x2", mesh2, RULES_2D), ("fsdp4", mesh1, RULES_FSDP)):
+        ours, ours_axes = sharded_init(_block, random.key(0), mesh=mesh, rules=rules)
+        out[f"sharded_init_{name}"] = _equal_trees(gather(ours), params) and ours_axes == axes
+        out[f"sharded_init_compact_{name}"] = all(
+            x.to_local().untyped_storage().nbytes() == x.to_local().numel() * x.element_size()
+            for x in pytree.leaves(ours)
+        )
+        shapes, _ = abstract_init(_block, random.key(0), mesh=mesh, rules=rules)
+        out[f"abstract_{name}"] = (
+            all(x.to_local().is_meta for x in pytree.leaves(shapes)),
+            describe(shapes, axes) == describe(ours, axes),
+        )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out)
+    return {k: [g[k] for g in gathered] for k in out}
+
+
+@pytest.fixture(scope="module")
+def four():
+    return run_local(_four_ranks, 4, timeout=150)
+
+
+def test_shard_gather_roundtrip_on_2x2_and_fsdp4(four):
+    assert all(four["roundtrip_2x2"]) and all(four["roundtrip_fsdp4"])
+    assert all(four["locals_match"])  # DTensor's shards are where shard_ranges/describe/visualize say
+    placements = four["placements"][0]
+    assert placements["attn/q/weight"] == (S(1), S(0))
+    assert placements["attn/o/weight"] == (S(0), S(1))
+    assert placements["norm/scale"] == (R, R)
+
+
+def test_tuple_rule_gives_jax_block_order(four):
+    # ("vocab", ("fsdp", "tp")) -> (Shard(0), Shard(0)): rank fsdp*2+tp holds block fsdp*2+tp, as P(("fsdp","tp"))
+    assert four["placements"][0]["embed/weight"] == (S(0), S(0))
+    assert all(four["vocab_block"])
+
+
+def test_visualize(four):
+    assert four["visualize"][3].splitlines() == [
+        "(8, 8) float32 on mesh (fsdp=2, tp=2): (fsdp, tp)",
+        "┌─────┬─────┐",
+        "│  0  │  1  │",
+        "├─────┼─────┤",
+        "│  2  │  3  │",
+        "└─────┴─────┘",
+    ]
+    assert "│  0,1,2,3  │" in four["visualize_1d"][0]
+
+
+def test_describe_bytes_per_rank_is_total_over_n(four):
+    table = four["describe_fsdp4"][0]
+    total, per_rank = _per_rank_bytes(table)
+    row = 8 * 4  # the uneven leaf has rows of 8 float32
+    assert total / 4 <= per_rank <= total / 4 + row
+    assert per_rank == max(four["local_bytes"])  # the "max" column is the most loaded rank's real footprint
+    assert re.search(r"odd\s+\(10, 8\)\s+float32\s+\(vocab, embed\)\s+\(fsdp, -\)\s+\(3, 8\)\s+96", table)
+
+
+def test_uneven_dims(four):
+    err = four["uneven_error"][0]
+    assert "'odd'" in err and "size 10" in err and "'fsdp' (4)" in err and "allow_uneven" in err
+    assert all(four["uneven_roundtrip"]) and all(four["five_roundtrip"])
+    assert four["five_local"] == [[0.0, 1.0], [2.0, 3.0], [4.0], []]  # torch.chunk: the last rank is empty
+    assert "empty shards on ranks 3" in four["visualize_five"][0]
+
+
+def test_constrain_changes_placements_and_passes_gradients(four):
+    assert four["constrain_placements"][0] == ((S(0), S(2)), (S(0), R), (2, 6, 4))
+    for ok, got, ref in four["constrain_grad"]:
+        assert ok and got == pytest.approx(ref, rel=1e-6)
+    for by_rank in four["matmul_grads"]:
+        assert by_rank[False] == ((Partial(), S(0)), True)  # implicit gather: the fsdp gradient stays Partial
+        assert by_rank[True] == (
+            (S(1), S(0)),
+            True,
+        )  # explicit redistribute: reduce-scattered, like the weight
+
+
+def test_sharded_and_abstract_init(four):
+    for name in ("2x2", "fsdp4"):
+        assert all(four[f"sharded_init_{name}"]), name
+        assert all(four[f"sharded_init_compact_{name}"]), name
+        assert all(all(checks) for checks in four[f"abstract_{name}"]), name
+
+
+def _bad_mesh():
+    try:
+        make_mesh({"fsdp": 3})
+    except ValueError as e:
+        return str(e), dist.is_initialized()
+    return None, dist.is_initialized()
+
+
+def _fail_on_rank_one():
+    make_mesh({"fsdp": 2})
+    if dist.get_rank() == 1:
+        raise ValueError("boom")
+    dist.barrier()  # rank 0 would wait here forever: run_local must kill it
+
+
+def _hang():
+    time.sleep(600)
+
+
+def _die_on_rank_one():
+    if int(os.environ["RANK"]) == 1:
+        os._exit(3)  # no exception, no report: a crash
+    time.sleep(600)
+
+
+def test_bad_mesh_size_fails_before_any_collective():
+    message, initialised = run_local(_bad_mesh, 2, timeout=60)
+    assert "3 devices but the world size is 2" in message and not initialised
+
+
+def test_exception_in_one_rank_propagates_with_rank():
+    with pytest.raises(
+        RankError, match=r"rank 1 of 2 raised ValueError: boom(.|\n)*_fail_on_rank_one"
+    ) as info:
+        run_local(_fail_on_rank_one, 2, timeout=60)
+    assert info.value.rank == 1
+
+
+def test_hang_times_out():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish within 8s"):
+        run_local(_hang, 2, timeout=8)
+    assert time.monotonic() - start < 20
+
+
+def test_a_rank_that_dies_silently_is_reported():
+    with pytest.raises(RankError, match="rank 1 of 2 died with exit code 3"):
+        run_local(_die_on_rank_one, 2, timeout=60)
