@@ -1,0 +1,3 @@
+from functional_mm.train.main import run
+
+run()
