@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -q -c requirements/constraints.txt -e '.[test,interop]'
 	touch $(STAMP)
 
 venv: $(STAMP)

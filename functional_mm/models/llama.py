@@ -673,20 +673,21 @@ def loss(
         segment_ids=batch.get("segment_ids"),
         remat_policy=remat_policy,
     )  # [B, T, V]
-    weight = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
+    # Targets are the tokens shifted left, -100 (ignored) where a position does not count: the last one, and
+    # whatever the masks below rule out. Scoring all T positions avoids slicing (and copying) the logits.
+    valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
     if "loss_mask" in batch:
-        weight = weight & _check_mask(batch["loss_mask"], "batch['loss_mask']", (b, t))[:, 1:]
+        valid = valid & _check_mask(batch["loss_mask"], "batch['loss_mask']", (b, t))[:, 1:]
     if "attention_mask" in batch:
         real = _check_mask(batch["attention_mask"], "batch['attention_mask']", (b, t))
-        weight = weight & real[:, 1:] & real[:, :-1]
+        valid = valid & real[:, 1:] & real[:, :-1]
     if "segment_ids" in batch:
         seg = batch["segment_ids"]
-        weight = weight & (seg[:, 1:] == seg[:, :-1])  # never predict the next sample's first token
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1), reduction="none"
-    ).view(b, t - 1)  # [B, T-1]
-    weight = weight.to(ce.dtype)
-    return (ce * weight).sum() / weight.sum().clamp(min=1.0)
+        valid = valid & (seg[:, 1:] == seg[:, :-1])  # never predict the next sample's first token
+    targets = torch.where(valid, tokens[:, 1:], -100)
+    targets = F.pad(targets, (0, 1), value=-100)  # [B, T]
+    ce_sum = F.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), ignore_index=-100, reduction="sum")
+    return ce_sum / valid.sum().clamp(min=1).to(ce_sum.dtype)
 
 
 def num_params(cfg: LlamaConfig) -> int:
