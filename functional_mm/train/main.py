@@ -73,12 +73,13 @@ def train(c, workdir: str) -> dict[str, float]:
     params = llama.init(init_key, model_cfg)
     logging.info("model: %s, %.2fM parameters", model_cfg, pytree.leaf_count(params) / 1e6)
     tx, lr = _optimizer(c)
-    state = TrainState.create(params, tx, train_key)
+    mixed_precision = c.train.mixed_precision or None
+    state = TrainState.create(params, tx, train_key, mixed_precision=mixed_precision)
     step_fn = make_train_step(
         lambda p, batch, key: llama.loss(p, model_cfg, batch),
         tx,
         compile=c.train.compile,
-        mixed_precision=c.train.mixed_precision or None,
+        mixed_precision=mixed_precision,
         lr_schedule=lr,
     )
 
