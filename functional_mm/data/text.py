@@ -19,6 +19,8 @@ Example::
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -26,17 +28,53 @@ from functional_mm import random
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255, plus ``bos`` = 256, ``eos`` = 257, ``pad`` = 258 (vocab 259)."""
+    """UTF-8 bytes as ids 0..255, plus ``bos`` = 256, ``eos`` = 257, ``pad`` = 258 (vocab 259).
+
+    ``special_tokens`` (e.g. chat-template markers ``"<|im_start|>"`` or the image placeholder
+    ``"<|image_pad|>"``) get ids 259, 260, ... and are recognised inside the text by :meth:`encode`, so the
+    embedded VLM data can use the same templates as a real tokenizer.
+
+    Example::
+
+        >>> tok = ByteTokenizer(special_tokens=("<|image_pad|>",))
+        >>> tok.encode("a<|image_pad|>")
+        [97, 259]
+    """
 
     bos, eos, pad = 256, 257, 258
     vocab_size = 259
 
+    def __init__(self, special_tokens: tuple[str, ...] | list[str] = ()):
+        self.special_tokens = {t: 259 + i for i, t in enumerate(dict.fromkeys(special_tokens))}
+        self.vocab_size = 259 + len(self.special_tokens)
+        self._id_to_special = {i: t for t, i in self.special_tokens.items()}
+        # Longest first, so a token that is a prefix of another never wins.
+        alts = sorted(self.special_tokens, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+
     def encode(self, s: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos] * bos + list(s.encode("utf-8")) + [self.eos] * eos
+        if self._split is None:
+            body = list(s.encode("utf-8"))
+        else:
+            body = []
+            for i, part in enumerate(self._split.split(s)):
+                body += [self.special_tokens[part]] if i % 2 else list(part.encode("utf-8"))
+        return [self.bos] * bos + body + [self.eos] * eos
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        out, run = [], []
+        for i in ids:
+            if i < 256:
+                run.append(i)
+            elif i in self._id_to_special:
+                out += [bytes(run).decode("utf-8", errors="replace"), self._id_to_special[i]]
+                run = []
+        return "".join(out) + bytes(run).decode("utf-8", errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a special token (``None`` if unknown); the same call as on a Hugging Face tokenizer."""
+        return self.special_tokens.get(token)
 
 
 _NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
@@ -74,7 +112,9 @@ def token_stream(docs: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def random_windows(key: torch.Tensor, stream: torch.Tensor, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+def random_windows(
+    key: torch.Tensor, stream: torch.Tensor, batch_size: int, seq_len: int
+) -> dict[str, torch.Tensor]:
     """``batch_size`` windows of ``seq_len`` tokens at keyed random offsets: ``{"tokens": [B, T]}``.
 
     The batch depends only on ``key``, so deriving the key from (seed, step) makes the data order exactly
