@@ -8,6 +8,11 @@ expected shape and nothing else may be there except names matching ``ignore`` (n
 offending names are reported in one :class:`CheckpointMismatchError`. Only safetensors are read (never
 pickle / ``torch.load``).
 
+Sharded models: when a leaf of ``shapes`` is a DTensor (real or meta, e.g. from ``parallelism.abstract_init``),
+:func:`load_params` reads only this process's slice of it (``safe_open(...).get_slice``) and returns a DTensor
+with the same placements; :func:`write_tensors` / :func:`save_params` given DTensors have every process write
+its own (owned) slices into the safetensors files in place, so no process ever holds a full tensor.
+
 Example::
 
     >>> flat = read_tensors("ckpt_dir", {"model.norm.weight": (64,)})            # doctest: +SKIP
@@ -25,11 +30,16 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from functional_mm import pytree
+from functional_mm.checkpoint import _dtypes
+from functional_mm.checkpoint._layout import local_shard, target_box
 
 __all__ = [
     "CheckpointMismatchError",
@@ -158,12 +168,15 @@ def read_tensors(
     dtype: torch.dtype | None = None,
     weights_name: str = "model.safetensors",
     rename: Callable[[str], str] | None = None,
+    regions: Mapping[str, tuple[slice, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Strictly read the ``expected`` tensors (HF name -> shape) from a (sharded) safetensors directory.
 
     ``rename`` maps a name as stored to the name ``expected`` uses (e.g. an older spelling of the same
-    checkpoint); two stored names that rename to one are an error. ``dtype`` casts on read.
+    checkpoint); two stored names that rename to one are an error. ``dtype`` casts on read. ``regions`` maps
+    names to slices: only those bytes of the tensor are read (``get_slice``), for sharded loading.
     """
+    regions = regions or {}
     files = tensor_files(directory, weights_name)
     if rename is not None:
         renamed: dict[str, tuple[str, Path]] = {}
@@ -188,7 +201,10 @@ def read_tensors(
     for path, names in by_file.items():
         with safe_open(str(path), framework="pt") as f:
             for name in names:
-                t = f.get_tensor(renamed[name][0])
+                if name in regions:
+                    t = f.get_slice(renamed[name][0])[regions[name]] if regions[name] else f.get_tensor(renamed[name][0])
+                else:
+                    t = f.get_tensor(renamed[name][0])
                 out[name] = t if dtype is None else t.to(dtype)
     return out
 
@@ -223,7 +239,8 @@ def load_params(
     """Load a parameter tree shaped like ``shapes`` (e.g. the meta tree from ``nn.abstract``) from a HF
     directory or an in-memory state dict; ``to_hf`` maps each leaf path to its HF tensor name.
 
-    ``dtype`` defaults to each leaf's dtype in ``shapes``.
+    ``dtype`` defaults to each leaf's dtype in ``shapes``. A DTensor leaf (real or meta) is read as this
+    process's slice only and returned as a DTensor with the same mesh and placements.
 
     Example::
 
@@ -236,24 +253,38 @@ def load_params(
     if dups:
         raise ValueError(f"load_params: several parameters map to the same HF name(s) {dups}")
     expected = {names[path]: tuple(leaf.shape) for path, leaf in flat_shapes}
+    regions = {names[p]: target_box(leaf).slices() for p, leaf in flat_shapes if isinstance(leaf, DTensor)}
     in_memory = isinstance(source, Mapping)
     if in_memory:
         tensors = convert_state_dict(source, expected, ignore=ignore)
+        tensors = {k: (v[regions[k]] if regions.get(k) else v) for k, v in tensors.items()}
     else:
-        tensors = read_tensors(source, expected, ignore=ignore, weights_name=weights_name, rename=rename)
+        tensors = read_tensors(
+            source, expected, ignore=ignore, weights_name=weights_name, rename=rename, regions=regions
+        )
 
     def cast(path: str, leaf: torch.Tensor) -> torch.Tensor:
         t, target = tensors[names[path]], dtype or leaf.dtype
         if t.dtype != target:
-            return t.to(target)
-        # An in-memory source (a live HF module, a tied embedding) must not be aliased by our tree.
-        return t.clone() if in_memory else t
+            t = t.to(target)
+        elif in_memory:  # a live HF module or a tied embedding must not be aliased by our tree
+            t = t.clone()
+        if isinstance(leaf, DTensor):
+            device = torch.device(leaf.device_mesh.device_type)
+            if device.type != "cpu":
+                device = torch.device(device.type, getattr(torch, device.type).current_device())
+            return DTensor.from_local(
+                t.contiguous().to(device), leaf.device_mesh, leaf.placements, run_check=False,
+                shape=leaf.shape, stride=leaf.stride(),
+            )  # fmt: skip
+        return t
 
     return pytree.map_with_path(cast, shapes)
 
 
 def export_params(params: Any, to_hf: Callable[[str], str]) -> dict[str, torch.Tensor]:
-    """``{hf_name: tensor}`` for every leaf of ``params`` (detached, on CPU, contiguous)."""
+    """``{hf_name: tensor}`` for every leaf of ``params`` (detached, on CPU, contiguous). DTensors stay
+    DTensors (their local shards moved to CPU), for :func:`write_tensors` to write in place."""
     out: dict[str, torch.Tensor] = {}
     for path, leaf in pytree.flatten_with_paths(params)[0]:
         name = to_hf(path)
@@ -286,9 +317,15 @@ def write_tensors(
 ) -> list[str]:
     """Write ``{name: tensor}`` as ``<weights_name>``, or as numbered shards plus ``<weights_name>.index.json``
     when the total exceeds ``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own).
-    Earlier weight files of the same ``weights_name`` in ``directory`` are removed. Returns the file names."""
+    Earlier weight files of the same ``weights_name`` in ``directory`` are removed. Returns the file names.
+
+    With DTensor values every process of the job must call this: the files are laid out from global shapes
+    (the same on every process), rank 0 creates them, and each process writes the slices it owns (one replica
+    of a replicated shard; plain tensors come from rank 0) at their byte offsets."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if any(isinstance(v, DTensor) for v in tensors.values()):
+        return _write_sharded(Path(directory), tensors, max_shard_bytes, weights_name)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     _remove_stale(d, weights_name)
@@ -316,6 +353,104 @@ def write_tensors(
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
         f.write("\n")
     return [*names, _index_name(weights_name)]
+
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+
+
+def _group_files(tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _header(tensors: Mapping[str, torch.Tensor], names: list[str]) -> tuple[bytes, dict[str, int]]:
+    """A safetensors header (8-byte length + JSON padded to 8 bytes) and each tensor's data offset."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets, pos = {}, 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name!r}: dtype {t.dtype} has no safetensors name")
+        nbytes = t.numel() * t.element_size()
+        meta[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = pos
+        pos += nbytes
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body, offsets
+
+
+def _byte_runs(shape: tuple[int, ...], start: tuple[int, ...], size: tuple[int, ...], itemsize: int):
+    """``(file offset, local byte offset, nbytes)`` of the contiguous runs of a box in a row-major array."""
+    if not shape:
+        yield 0, 0, itemsize
+        return
+    if any(n == 0 for n in size):
+        return
+    k = len(shape) - 1  # the innermost dim that is not whole: everything after it is contiguous
+    while k > 0 and size[k] == shape[k] and start[k] == 0:
+        k -= 1
+    strides = [int(np.prod(shape[d + 1 :])) for d in range(len(shape))]
+    run = size[k] * strides[k] * itemsize
+    for i, idx in enumerate(np.ndindex(*size[:k])):
+        elem = sum((start[d] + idx[d]) * strides[d] for d in range(k)) + start[k] * strides[k]
+        yield elem * itemsize, i * run, run
+
+
+def _write_sharded(
+    d: Path, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, weights_name: str
+) -> list[str]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    groups = _group_files(tensors, max_shard_bytes)
+    files = [weights_name] if len(groups) == 1 else _shard_names(weights_name, len(groups))
+    headers = [_header(tensors, names) for names in groups]
+    if rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        _remove_stale(d, weights_name)
+        for fname, names, (head, _) in zip(files, groups, headers):
+            total = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
+            with open(d / fname, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + total)  # sized up front: every process writes into it in place
+    if dist.is_initialized():
+        dist.barrier()
+    for fname, names, (head, offsets) in zip(files, groups, headers):
+        fd = os.open(d / fname, os.O_WRONLY)
+        try:
+            for name in names:
+                shard = local_shard(name, tensors[name])
+                if not shard.owner or shard.tensor is None:
+                    continue
+                t = tensors[name]
+                data = _dtypes.to_numpy(shard.tensor.detach().cpu()).reshape(-1).view(np.uint8)
+                base = len(head) + offsets[name]
+                for at, local, n in _byte_runs(tuple(t.shape), shard.box.start, shard.box.size, t.element_size()):
+                    os.pwrite(fd, memoryview(data[local : local + n]), base + at)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if dist.is_initialized():
+        dist.barrier()  # every slice is in place before anyone reads the files or the index
+    if len(groups) > 1 and rank == 0:
+        weight_map = {n: fname for fname, names in zip(files, groups) for n in names}
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(d / _index_name(weights_name), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            f.write("\n")
+    return files if len(groups) == 1 else [*files, _index_name(weights_name)]
 
 
 def save_params(

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from functional_mm import pytree
+from functional_mm import pytree, random
 from functional_mm.models import llama
 from functional_mm.models.hf import io
 
@@ -242,27 +242,43 @@ def to_hf_state_dict(params: dict[str, Any], cfg: llama.LlamaConfig) -> dict[str
 
 
 def load_pretrained(
-    directory: str | os.PathLike, *, dtype: str | None = None
+    directory: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    mesh: Any = None,
+    rules: Any = None,
 ) -> tuple[llama.LlamaConfig, dict[str, Any]]:
     """``(cfg, params)`` from a transformers directory: ``config.json`` plus ``model.safetensors`` or a sharded
     ``model.safetensors.index.json``. Strict: any missing, unexpected or mis-shaped tensor raises one
     :class:`~functional_mm.models.hf.io.CheckpointMismatchError` naming them all. ``dtype`` (a name such as
-    ``"float32"``) overrides the checkpoint's dtype.
+    ``"float32"``) overrides the checkpoint's dtype. With ``mesh`` and logical-axis ``rules`` the parameters come
+    back as DTensors placed by the rules, each process reading only its own slices of the files.
 
     Example::
 
         >>> cfg, params = load_pretrained("Meta-Llama-3-8B", dtype="bfloat16")   # doctest: +SKIP
+        >>> cfg, sharded = load_pretrained("Meta-Llama-3-8B", mesh=mesh, rules=rules)  # doctest: +SKIP
     """
     cfg = config_from_hf(io.read_config(directory))
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
+    if (mesh is None) != (rules is None):
+        raise ValueError("load_pretrained: pass both mesh and rules (sharded) or neither")
+    shapes = _shapes(cfg)
+    if mesh is not None:
+        from functional_mm.parallelism import abstract_init
+
+        shapes = abstract_init(llama.init_boxed, random.key(0), cfg, mesh=mesh, rules=rules)[0]
     ignore = IGNORE
     if cfg.tie_embeddings and "lm_head.weight" in io.tensor_files(directory):
         ignore = (*IGNORE, r"^lm_head\.weight$")
-    params = io.load_params(directory, _shapes(cfg), hf_name, ignore=ignore)
+    params = io.load_params(directory, shapes, hf_name, ignore=ignore)
     if ignore is not IGNORE:
-        head = io.read_tensors(directory, {"lm_head.weight": (cfg.vocab_size, cfg.dim)}, ignore=[".*"])
-        _check_tied_head(head["lm_head.weight"], params["embed"]["weight"], f"checkpoint {str(directory)!r}")
+        # the stored head must be a copy of the embedding: compare this process's slices of both
+        embed = shapes["embed"]["weight"]
+        head = io.load_params(directory, {"w": embed}, lambda _: "lm_head.weight", ignore=[".*"])["w"]
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+        _check_tied_head(local(head), local(params["embed"]["weight"]), f"checkpoint {str(directory)!r}")
     return cfg, params
 
 
