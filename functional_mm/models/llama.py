@@ -37,8 +37,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-from functional_mm import autodiff, nn, pytree, random
+from functional_mm import autodiff, nn, parallelism, pytree, random
+from functional_mm.parallelism import constrain
 
 __all__ = [
     "LlamaConfig",
@@ -47,6 +49,8 @@ __all__ = [
     "init",
     "abstract",
     "logical_axes",
+    "default_rules",
+    "check_layout",
     "apply",
     "decode",
     "loss",
@@ -377,6 +381,81 @@ def logical_axes(cfg: LlamaConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# sharding
+
+# Activation layouts (logical names; the rules map them to mesh axes). Between blocks the residual stream and
+# its norms may be split along the sequence (Megatron sequence parallelism: "act_norm_seq" on tp); attention
+# and the MLP take the whole sequence and split heads / hidden units instead.
+_RESIDUAL = ("act_batch", "act_norm_seq", "act_embed")
+_BLOCK_IN = ("act_batch", "act_seq", "act_embed")
+
+
+def default_rules(*, sequence_parallel: bool = True) -> list[tuple[str, Any]]:
+    """Logical-axis rules for Llama on any mesh made of ``dp``, ``fsdp`` and ``tp`` (absent axes are skipped).
+
+    - ``fsdp``: every weight is split over ``fsdp`` along ``embed`` (norm scales along their only dim), so
+      parameters and optimizer state take 1/fsdp of the memory on each rank (ZeRO-3); gathered at use.
+    - ``tp``: Megatron column/row split: ``heads``, ``kv_heads``, ``mlp`` and ``vocab`` on ``tp`` (q/k/v,
+      gate/up and the output head split their outputs, o/down their inputs; the embedding is vocab-parallel),
+      the loss is vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`). With
+      ``sequence_parallel`` the residual stream and the norms between blocks are split along the sequence
+      over ``tp`` (all-gather before attention/MLP, reduce-scatter after), instead of being replicated.
+    - ``dp``: replicas; the batch is split over ``dp`` x ``fsdp`` (HSDP when both are > 1).
+
+    Example::
+
+        >>> from functional_mm.parallelism import logical_to_spec
+        >>> rules = default_rules()
+        >>> logical_to_spec(("heads", "embed"), rules, {"dp": 1, "fsdp": 2, "tp": 2})   # q/k/v: column split
+        ('tp', 'fsdp')
+        >>> logical_to_spec(_RESIDUAL, rules, {"dp": 2, "fsdp": 2, "tp": 2})
+        (('dp', 'fsdp'), 'tp', None)
+    """
+    return [
+        ("vocab", "tp"),
+        ("heads", "tp"),
+        ("kv_heads", "tp"),
+        ("mlp", "tp"),
+        ("embed", "fsdp"),
+        ("norm", "fsdp"),
+        ("act_batch", ("dp", "fsdp")),
+        ("act_seq", None),
+        ("act_norm_seq", "tp" if sequence_parallel else None),
+        ("act_embed", None),
+        ("act_vocab", "tp"),
+    ]
+
+
+def check_layout(cfg: LlamaConfig, mesh: Any, rules: Sequence[tuple[str, Any]]) -> None:
+    """Fail (before any collective) when the layout would cut through an attention head: the mesh axes that
+    split ``heads`` / ``kv_heads`` at compute time (all but the data axes, which are gathered) must divide the
+    head counts. ``mesh`` is a ``DeviceMesh`` or a ``{axis: size}`` dict.
+
+    Example::
+
+        >>> check_layout(LlamaConfig.variant("tiny", num_kv_heads=1), {"tp": 2}, default_rules())
+        Traceback (most recent call last):
+        ...
+        ValueError: Llama layout: num_kv_heads=1 is not divisible by the mesh axes ('tp',) of size 2 that split the 'kv_heads' dim ...
+    """
+    from functional_mm.parallelism._rules import mesh_sizes
+
+    sizes = mesh_sizes(mesh)
+    for name, count in (("heads", cfg.num_heads), ("kv_heads", cfg.num_kv_heads)):
+        entry = parallelism.logical_to_spec((name,), rules, mesh)[0]
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in axes if a not in parallelism.DATA_AXES)
+        n = 1
+        for a in axes:
+            n *= sizes[a]
+        if count % n:
+            raise ValueError(
+                f"Llama layout: num_{name}={count} is not divisible by the mesh axes {axes} of size {n} that "
+                f"split the {name!r} dim (a head would be cut in two); change the mesh or the rules"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # forward
 
 
@@ -406,7 +485,9 @@ def _embed_inputs(params, cfg: LlamaConfig, tokens, inputs_embeds) -> torch.Tens
         raise ValueError("pass exactly one of tokens [B, T] or inputs_embeds [B, T, D]")
     if tokens is not None:
         _check_int_bt(tokens, "tokens")
-        x = nn.embedding.apply(params["embed"], tokens)  # [B, T, D]
+        # F.embedding (not table[ids]): DTensor splits it over a vocab-parallel table (masked lookup + sum).
+        tokens = constrain(tokens, ("act_batch", "act_seq"))
+        x = F.embedding(tokens, parallelism.use_param(params["embed"]["weight"]))  # [B, T, D]
     else:
         x = inputs_embeds
         if (
@@ -422,7 +503,12 @@ def _embed_inputs(params, cfg: LlamaConfig, tokens, inputs_embeds) -> torch.Tens
         raise ValueError(f"{name}: the sequence is empty (T=0)")
     if x.shape[1] > cfg.max_seq_len:
         raise ValueError(f"{name}: sequence length T={x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
-    return x
+    return constrain(x, _RESIDUAL)
+
+
+def _whole(x: Any) -> Any:
+    """A DTensor's full value as a plain tensor; anything else unchanged."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -437,9 +523,10 @@ def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 
 def _block(p, x, cfg: LlamaConfig, cos_sin, mask, is_causal, cache=None, cache_index=None):
     """One pre-norm decoder block: ``x: [B, T, D] -> ([B, T, D], new_layer_cache)``."""
+    p = parallelism.use_params(p)  # this layer's weights, gathered over the data axes (no-op unsharded)
     h, new_cache = nn.attention.apply(
         p["attn"],
-        nn.norms.rms_norm(p["attn_norm"], x, cfg.norm_eps),
+        constrain(nn.norms.rms_norm(p["attn_norm"], x, cfg.norm_eps), _BLOCK_IN),
         head_dim=cfg.head_dim,
         cos_sin=cos_sin,
         mask=mask,
@@ -447,9 +534,9 @@ def _block(p, x, cfg: LlamaConfig, cos_sin, mask, is_causal, cache=None, cache_i
         cache=cache,
         cache_index=cache_index,
     )
-    x = x + h
-    x = x + nn.mlp.gated(p["mlp"], nn.norms.rms_norm(p["mlp_norm"], x, cfg.norm_eps))
-    return x, new_cache
+    x = x + constrain(h, _RESIDUAL)  # row-parallel output: reduce-scatter (sequence parallel) or all-reduce
+    h = nn.mlp.gated(p["mlp"], constrain(nn.norms.rms_norm(p["mlp_norm"], x, cfg.norm_eps), _BLOCK_IN))
+    return x + constrain(h, _RESIDUAL), new_cache
 
 
 def _block_no_cache(p, x, cfg, cos_sin, mask, is_causal):
@@ -458,10 +545,13 @@ def _block_no_cache(p, x, cfg, cos_sin, mask, is_causal):
 
 def _head(params, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
     """Final norm and output projection: ``[B, T, D] -> [B, T, V]``."""
-    h = nn.norms.rms_norm(params["final_norm"], h, cfg.norm_eps)
+    h = nn.norms.rms_norm(parallelism.use_params(params["final_norm"]), h, cfg.norm_eps)
+    h = constrain(h, _BLOCK_IN)
     if cfg.tie_embeddings:
-        return nn.embedding.attend(params["embed"], h)
-    return nn.linear.apply(params["lm_head"], h)
+        logits = nn.embedding.attend(parallelism.use_params(params["embed"]), h)
+    else:
+        logits = nn.linear.apply(parallelism.use_params(params["lm_head"]), h)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # vocab-parallel under tp
 
 
 def _rope(cfg: LlamaConfig, positions: torch.Tensor, dtype: torch.dtype):
@@ -500,6 +590,12 @@ def apply(
         >>> apply(params, cfg, tokens, attention_mask=mask).shape
         torch.Size([2, 4, 128])
     """
+    ctx = parallelism.current()
+    if ctx is not None:
+        check_layout(cfg, *ctx)
+    # Masks and positions only shape the computation: they stay whole (gathered if sharded, small ints);
+    # the tables built from them are split like the activations below.
+    attention_mask, segment_ids, positions = (_whole(v) for v in (attention_mask, segment_ids, positions))
     x = _embed_inputs(params, cfg, tokens, inputs_embeds)  # [B, T, D]
     b, t = x.shape[:2]
     valid = None if attention_mask is None else _check_mask(attention_mask, "attention_mask", (b, t))
@@ -521,8 +617,9 @@ def apply(
         mask = nn.attention.make_mask(
             slots, slots, kv_valid=valid, q_segments=segment_ids, kv_segments=segment_ids
         )  # [B, 1, T, T]
+        mask = constrain(mask, ("act_batch", None, "act_seq", None))
         is_causal = False
-    cos_sin = _rope(cfg, positions, x.dtype)
+    cos_sin = tuple(constrain(c, ("act_batch", "act_seq", None)) for c in _rope(cfg, positions, x.dtype))
     block = autodiff.remat(_block_no_cache, remat_policy)
     for p in params["layers"]:
         x = block(p, x, cfg, cos_sin, mask, is_causal)
@@ -662,32 +759,35 @@ def loss(
     tokens = batch["tokens"]
     _check_int_bt(tokens, "batch['tokens']")
     b, t = tokens.shape
+    whole = {k: _whole(v) for k, v in batch.items()}  # the targets below are built from whole (int) tensors
     if t < 2:
         raise ValueError(f"batch['tokens'] needs at least 2 tokens per row for next-token loss, got T={t}")
     logits = apply(
         params,
         cfg,
         tokens,
-        positions=batch.get("positions"),
-        attention_mask=batch.get("attention_mask"),
-        segment_ids=batch.get("segment_ids"),
+        positions=whole.get("positions"),
+        attention_mask=whole.get("attention_mask"),
+        segment_ids=whole.get("segment_ids"),
         remat_policy=remat_policy,
     )  # [B, T, V]
+    tokens = whole["tokens"]
     # Targets are the tokens shifted left, -100 (ignored) where a position does not count: the last one, and
     # whatever the masks below rule out. Scoring all T positions avoids slicing (and copying) the logits.
     valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
     if "loss_mask" in batch:
-        valid = valid & _check_mask(batch["loss_mask"], "batch['loss_mask']", (b, t))[:, 1:]
+        valid = valid & _check_mask(whole["loss_mask"], "batch['loss_mask']", (b, t))[:, 1:]
     if "attention_mask" in batch:
-        real = _check_mask(batch["attention_mask"], "batch['attention_mask']", (b, t))
+        real = _check_mask(whole["attention_mask"], "batch['attention_mask']", (b, t))
         valid = valid & real[:, 1:] & real[:, :-1]
     if "segment_ids" in batch:
-        seg = batch["segment_ids"]
+        seg = whole["segment_ids"]
         valid = valid & (seg[:, 1:] == seg[:, :-1])  # never predict the next sample's first token
     targets = torch.where(valid, tokens[:, 1:], -100)
-    targets = F.pad(targets, (0, 1), value=-100)  # [B, T]
-    ce_sum = F.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), ignore_index=-100, reduction="sum")
-    return ce_sum / valid.sum().clamp(min=1).to(ce_sum.dtype)
+    targets = constrain(F.pad(targets, (0, 1), value=-100), ("act_batch", "act_seq"))  # [B, T], split like logits
+    # Vocab-parallel when the logits are split over the vocabulary: the full [B, T, V] is never gathered.
+    ce_sum = parallelism.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), reduction="sum")
+    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
 
 
 def num_params(cfg: LlamaConfig) -> int:

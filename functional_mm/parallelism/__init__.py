@@ -41,6 +41,8 @@ Single-process tools: :func:`logical_to_spec` / :func:`logical_to_placements` an
 ordered ``{axis: size}`` dict in place of a mesh, to check rules and plan memory without launching anything.
 """
 
+from functional_mm.parallelism import _ops  # noqa: F401  (registers DTensor rules for CPU attention)
+from functional_mm.parallelism._compute import DATA_AXES, cross_entropy, shard_batch, use_param, use_params
 from functional_mm.parallelism._describe import describe, visualize
 from functional_mm.parallelism._launch import RankError, run_local
 from functional_mm.parallelism._mesh import current, make_mesh, use_mesh
@@ -56,6 +58,11 @@ __all__ = [
     "logical_to_placements",
     "shard",
     "constrain",
+    "use_param",
+    "use_params",
+    "shard_batch",
+    "cross_entropy",
+    "DATA_AXES",
     "gather",
     "unshard",
     "abstract_init",

@@ -64,7 +64,9 @@ def make_mesh(axes: Mapping[str, int], device_type: str | None = None) -> Device
     Sizes are checked against the world size (``WORLD_SIZE`` from the launcher, or the initialised group)
     *before* any collective, so a wrong layout fails fast on every rank instead of hanging. The device type
     defaults to npu > cuda > cpu with backend hccl / nccl / gloo; the default process group is initialised
-    from the torchrun environment if needed (a bare single process gets a 1-rank group).
+    from the torchrun environment if needed (a bare single process gets a 1-rank group). With several
+    processes it turns off torch's AOTAutograd cache for this process (see ``_disable_aot_autograd_cache``:
+    on torch 2.13 its entries are not safe to share between the ranks of a mesh).
 
     Example::
 
@@ -73,11 +75,26 @@ def make_mesh(axes: Mapping[str, int], device_type: str | None = None) -> Device
         >>> mesh.mesh_dim_names, mesh.shape  # doctest: +SKIP
         (('fsdp', 'tp'), (4, 2))
     """
-    sizes = _resolve_sizes(axes, _world_size())
+    world = _world_size()
+    sizes = _resolve_sizes(axes, world)
     device_type = device_type or _device.default_device_type()
     _device.distributed_backend(device_type)  # unknown device types fail here, before any process group
     _init_process_group(device_type)
+    if world > 1:
+        _disable_aot_autograd_cache()
     return init_device_mesh(device_type, sizes, mesh_dim_names=tuple(axes))
+
+
+def _disable_aot_autograd_cache() -> None:
+    # torch 2.13: AOTAutograd's on-disk cache keys a DTensor by its mesh's *type* only, while the compiled
+    # code names the process groups of its collectives literally ('1', '3', ...). Group names differ between
+    # ranks (rank 0's tp group is rank 2's unknown one), so a rank that loads another rank's entry (from an
+    # earlier run sharing /tmp/torchinductor_*) fails with "Could not resolve the process group registered
+    # under the name 3", or talks to the wrong group. Inductor's own FX-graph cache keys on the generated
+    # code, group names included, so compiled kernels are still reused.
+    import torch._functorch.config
+
+    torch._functorch.config.enable_autograd_cache = False
 
 
 # A plain global rather than a ContextVar: model code reads it inside torch.compile, and dynamo guards on

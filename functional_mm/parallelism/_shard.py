@@ -112,7 +112,8 @@ def constrain(
     model code runs as is in one process. A DTensor is redistributed (a no-op when already in place); a plain
     tensor is taken as the *full* value, identical on every rank, and sliced to its shards without
     communication. Both paths are differentiable: the backward redistributes gradients the other way (a plain
-    input gets its full gradient back). Uneven dims are allowed here: activation shapes vary per batch.
+    input gets its full gradient back), and the gradient is itself constrained to the same layout first (JAX's
+    rule). Uneven dims are allowed here: activation shapes vary per batch.
 
     Example::
 
@@ -138,7 +139,13 @@ def constrain(
     if isinstance(x, DTensor):
         if x.device_mesh != mesh:
             raise ValueError(f"constrain: the tensor lives on another mesh ({x.device_mesh}) than {mesh}")
-        return x if tuple(x.placements) == placements else x.redistribute(mesh, placements)
+        if tuple(x.placements) != placements:
+            x = x.redistribute(mesh, placements)
+        # The gradient is constrained too (as in JAX): this redistribute moves nothing forward, and backward it
+        # brings the incoming gradient (e.g. Partial from a column-parallel matmul) to `placements` before the
+        # one above sends it on. Without it a Partial gradient would meet an input that was itself Partial of
+        # another kind (a vocab-parallel embedding's masked sum) and DTensor cannot convert between the two.
+        return x.redistribute(mesh, placements)
     # Replicate -> Shard is a local slice, so a full plain tensor reaches its layout without a collective.
     replicated = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, placements)

@@ -1,0 +1,154 @@
+"""Bringing sharded parameters and batches to their compute layout, and the vocab-parallel cross entropy.
+
+The execution model is GSPMD's: parameters live sharded (over ``fsdp`` for memory, over ``tp`` for compute);
+at use, :func:`use_param` gathers the *data* mesh axes (``dp``, ``fsdp``) and keeps the ``tp`` split, so a
+matmul runs on whole-in-fsdp, tp-split weights against batch-sharded activations. The gather is an explicit
+``redistribute``, whose backward sends the weight's gradient back to the weight's own placements: Partial
+over ``fsdp`` becomes a reduce-scatter (ZeRO-3), Partial over ``dp`` an all-reduce (DDP), both in one
+collective per weight. Without a mesh every function here returns its input unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from functional_mm import pytree
+from functional_mm.parallelism._mesh import current
+from functional_mm.parallelism._rules import Rules, logical_to_placements
+from functional_mm.parallelism._shard import constrain
+
+__all__ = ["DATA_AXES", "use_param", "use_params", "shard_batch", "cross_entropy"]
+
+PyTree = Any
+
+#: Mesh axes over which parameters are gathered at use (the batch is split over them).
+DATA_AXES: tuple[str, ...] = ("dp", "fsdp")
+
+
+def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tensor:
+    """``w`` in its compute layout: whole over the mesh axes in ``gather`` (default ``dp`` and ``fsdp``),
+    still split over the others (``tp``). Plain tensors come back unchanged.
+
+    Always a ``redistribute`` (even when nothing moves), so the gradient arrives in ``w``'s own placements:
+    reduce-scattered over ``fsdp``, all-reduced over ``dp``. (Used as is, a ``Shard`` weight would be gathered
+    by DTensor's op propagation and its gradient left ``Partial``; see the package docstring.)
+
+    Example::
+
+        >>> w = shard(params, axes, mesh, rules)["mlp"]["up"]["weight"]  # (Shard(1) on fsdp, Shard(0) on tp)  # doctest: +SKIP
+        >>> use_param(w).placements  # doctest: +SKIP
+        (Replicate(), Shard(dim=0))
+    """
+    if not isinstance(w, DTensor):
+        return w
+    mesh = w.device_mesh
+    names = mesh.mesh_dim_names or ()
+    placements = tuple(
+        Replicate() if name in gather else p for name, p in zip(names, w.placements, strict=True)
+    )
+    return w.redistribute(mesh, placements)
+
+
+def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:
+    """:func:`use_param` on every tensor leaf of ``tree`` (one layer's parameters, say)."""
+    return pytree.tree_map(lambda x: use_param(x, gather) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def shard_batch(
+    batch: PyTree,
+    mesh: DeviceMesh | None = None,
+    rules: Rules | None = None,
+    *,
+    names: Sequence[str | None] = ("act_batch", "act_seq"),
+    local: bool = False,
+) -> PyTree:
+    """Place every tensor leaf of ``batch`` on the mesh: dim 0 over the batch's mesh axes (rule ``act_batch``,
+    by default ``dp`` x ``fsdp``), the other dims as ``names`` say (missing names: replicated).
+
+    ``local=False``: the leaves are the *global* batch, identical on every rank; each rank keeps its slice
+    (no communication). ``local=True``: the leaves are this rank's own rows (what a per-rank data loader
+    yields); the global batch is their concatenation in rank order (``DTensor.from_local``, no
+    communication either). ``mesh`` / ``rules`` default to :func:`use_mesh`'s; without a mesh the batch comes
+    back unchanged.
+
+    Example::
+
+        >>> with use_mesh(mesh, rules):  # doctest: +SKIP
+        ...     batch = shard_batch({"tokens": my_rows}, local=True)  # [B_local, T] per rank -> DTensor [B, T]
+    """
+    ctx = current()
+    mesh = mesh if mesh is not None else (ctx[0] if ctx else None)
+    rules = rules if rules is not None else (ctx[1] if ctx else None)
+    if mesh is None:
+        return batch
+    if rules is None:
+        raise ValueError("shard_batch: pass rules, or call it inside use_mesh(mesh, rules)")
+
+    def place(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+            return x
+        dims = tuple(names[: x.dim()]) + (None,) * max(0, x.dim() - len(names))
+        if not local:
+            return constrain(x, dims, mesh, rules)
+        placements = logical_to_placements(dims, rules, mesh, path="batch")
+        if any(isinstance(p, Shard) and p.dim != 0 for p in placements):
+            raise ValueError(
+                f"shard_batch(local=True) splits only dim 0 of a rank's rows; the rules shard another dim: "
+                f"{placements}"
+            )
+        return DTensor.from_local(x, mesh, placements, run_check=False)
+
+    return pytree.tree_map(place, batch)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100, reduction: str = "sum"
+) -> torch.Tensor:
+    """Cross entropy of ``logits: [N, V]`` against class ids ``targets: [N]`` (``reduction`` "sum" or "none").
+
+    Plain tensors: ``F.cross_entropy``. DTensors: computed on the shards, so logits split over the vocab
+    (``tp``, Megatron's vocab-parallel loss) are never gathered: each rank takes the max, the sum of
+    exponentials and the target logit over its own slice of the vocabulary and only ``[N]``-sized vectors are
+    all-reduced. Rows may be split too (data axes); ``targets`` must be a DTensor split like the rows of
+    ``logits`` and whole over the vocab's axis. With ``"sum"`` the result is a replicated 0-d DTensor.
+
+    Example::
+
+        >>> cross_entropy(torch.zeros(2, 4), torch.tensor([1, -100]))  # log(4), the second row ignored
+        tensor(1.3863)
+    """
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'sum' or 'none', got {reduction!r}")
+    if not isinstance(logits, DTensor):
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+    if not isinstance(targets, DTensor):
+        raise TypeError("cross_entropy: DTensor logits need DTensor targets (constrain them like the rows)")
+    logits = logits.float()
+    mesh = logits.device_mesh
+    valid = targets != ignore_index  # [N]
+    safe = torch.where(valid, targets, torch.zeros_like(targets))
+    # The max only stabilises exp(): no gradient through it (it cancels), and reduce it explicitly
+    # (Partial(max) -> Replicate: one all-reduce of [N]) before it meets the vocab-split logits.
+    m = logits.detach().amax(-1, keepdim=True)  # [N, 1]
+    m = m.redistribute(mesh, [_unpartial(p) for p in m.placements])
+    z = logits - m  # [N, V], same placements as logits
+    lse = z.exp().sum(-1).log()  # sum over the vocab slice is Partial; log() all-reduces it: [N]
+    # A gather on the vocab-split dim masks the ids outside each rank's slice (DTensor's _MaskPartial); the
+    # reduction sums the picks. Reduce while still [N, 1]: the mask has the index's shape.
+    picked = z.gather(-1, safe[:, None])
+    picked = picked.redistribute(mesh, [_unpartial(p) for p in picked.placements]).squeeze(-1)  # [N]
+    loss = torch.where(valid, lse - picked, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total.redistribute(mesh, [Replicate()] * mesh.ndim)
+
+
+def _unpartial(p):
+    return Replicate() if p.is_partial() else p
