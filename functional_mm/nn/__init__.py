@@ -16,7 +16,18 @@ Example::
 import torch
 
 from functional_mm import random as _random
-from functional_mm.nn import attention, embedding, linear, mlp, norms, patch_embed, rope
+from functional_mm.nn import (
+    attention,
+    conv,
+    embedding,
+    linear,
+    mlp,
+    modulation,
+    norms,
+    patch_embed,
+    rope,
+    sincos,
+)
 from functional_mm.nn._param import Param, abstract, is_param, param, unbox
 
 
@@ -36,10 +47,13 @@ __all__ = [
     "abstract",
     "dropout",
     "attention",
+    "conv",
     "embedding",
     "linear",
     "mlp",
+    "modulation",
     "norms",
     "patch_embed",
     "rope",
+    "sincos",
 ]

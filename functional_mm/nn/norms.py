@@ -38,3 +38,19 @@ def rms_norm(p: dict[str, torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> 
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return p["scale"] * x32.to(dtype)
+
+
+def init_group_norm(
+    channels: int, *, axes: tuple[str | None] = ("norm",), dtype: torch.dtype = torch.float32
+) -> dict[str, Param]:
+    return {
+        "scale": param(torch.ones(channels, dtype=dtype), axes),
+        "bias": param(torch.zeros(channels, dtype=dtype), axes),
+    }
+
+
+def group_norm(p: dict[str, torch.Tensor], x: torch.Tensor, groups: int, eps: float = 1e-6) -> torch.Tensor:
+    """``x: [B, C, ...]``; normalises each of ``groups`` channel groups over its channels and spatial dims."""
+    if x.shape[1] % groups:
+        raise ValueError(f"group_norm: {x.shape[1]} channels are not divisible into {groups} groups")
+    return F.group_norm(x, groups, p.get("scale"), p.get("bias"), eps)
