@@ -1,0 +1,514 @@
+"""LLaVA 1.5 as a pure function: a CLIP (or SigLIP) vision tower, a two-layer GELU projector and a Llama decoder.
+
+The image goes through the tower; the hidden state of ``feature_layers`` (LLaVA 1.5: the second-to-last block)
+minus the CLS token (``feature_select="default"``) is projected into the text embedding space and written over
+the image placeholder tokens of the prompt; the decoder (:func:`functional_mm.models.llama.apply` with
+``inputs_embeds``) does the rest. The prompt must already hold ``num_image_tokens`` placeholders per image
+(:func:`expand_image_tokens` does what the HF processor does to a single ``<image>``).
+
+This module also holds the glue the other VLMs reuse: :func:`merge_embeddings`, :func:`next_token_loss` and the
+nested-config helpers.
+
+Parameter tree::
+
+    vision/...                       the ViT tree (functional_mm.models.vit)
+    projector/fc1/{weight,bias}      [Dt, Dv * n_layers]   ("mlp", "embed")
+    projector/fc2/{weight,bias}      [Dt, Dt]              ("embed", "mlp")
+    text/...                         the Llama tree (functional_mm.models.llama)
+
+Example::
+
+    >>> import torch
+    >>> from functional_mm import random
+    >>> from functional_mm.models import llava
+    >>> cfg = llava.LlavaConfig.variant("tiny")
+    >>> params = llava.init(random.key(0), cfg)
+    >>> prompt = [1, 5, cfg.image_token_id, 6, 7]                       # one <image> placeholder
+    >>> tokens = torch.tensor([llava.expand_image_tokens(prompt, cfg)])  # [1, 4 + 16]
+    >>> pixels = torch.randn(1, 3, 16, 16)
+    >>> llava.apply(params, cfg, tokens, pixels).shape                  # [B, T, V]
+    torch.Size([1, 20, 128])
+    >>> out = llava.generate(params, cfg, tokens, pixels, max_new_tokens=3)   # greedy, [1, 20 + 3]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from functional_mm import nn, pytree, random
+from functional_mm.models import llama, vit
+
+__all__ = [
+    "LlavaConfig",
+    "VARIANTS",
+    "init_boxed",
+    "init",
+    "abstract",
+    "logical_axes",
+    "default_rules",
+    "image_features",
+    "expand_image_tokens",
+    "merge_embeddings",
+    "embed_inputs",
+    "apply",
+    "loss",
+    "next_token_loss",
+    "generate",
+    "generate_from_embeds",
+    "num_params",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared VLM helpers
+
+
+def nested_from_dict(cls, d: Mapping[str, Any], sub: Mapping[str, type]):
+    """Build config ``cls`` from a dict whose ``sub`` fields are configs or dicts of them; unknown fields fail."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}.from_dict: unknown field(s) {unknown}; known fields: {sorted(known)}"
+        )
+    d = dict(d)
+    for name, sub_cls in sub.items():
+        if isinstance(d.get(name), Mapping):
+            d[name] = sub_cls.from_dict(d[name])
+    return cls(**d)
+
+
+def nested_to_dict(cfg) -> dict[str, Any]:
+    """A plain dict (sub-configs as dicts) that :func:`nested_from_dict` reads back."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = v.to_dict() if hasattr(v, "to_dict") else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``; a dict override of a dict field updates it (``text={"num_layers": 1}``)."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = {**out[k], **v} if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def check_sub(owner: str, name: str, value: Any, cls: type) -> None:
+    if not isinstance(value, cls):
+        raise ValueError(
+            f"{owner}.{name} must be a {cls.__name__} (or a dict of one), got {type(value).__name__}"
+        )
+
+
+def check_token_id(owner: str, name: str, value: Any, vocab_size: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < vocab_size:
+        raise ValueError(f"{owner}.{name}={value!r} must be an int in [0, vocab_size={vocab_size})")
+
+
+def check_tokens(tokens: Any, name: str = "tokens") -> None:
+    """``tokens`` must be an integer tensor ``[B, T]`` with ``T >= 1``."""
+    if not isinstance(tokens, torch.Tensor) or tokens.is_floating_point() or tokens.dtype == torch.bool:
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"{name} must be an integer torch.Tensor [B, T], got {got}")
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must have shape [B, T] with T >= 1, got {list(tokens.shape)}")
+
+
+def merge_embeddings(
+    embeds: torch.Tensor, tokens: torch.Tensor, token_id: int, features: torch.Tensor, what: str = "image"
+) -> torch.Tensor:
+    """Write ``features: [n, D]`` (in order) over the positions of ``embeds: [B, T, D]`` where ``tokens == token_id``.
+
+    Out of place and differentiable in both ``embeds`` and ``features`` (``masked_scatter``, as transformers does).
+
+    Example::
+
+        >>> e = torch.zeros(1, 4, 2)
+        >>> merge_embeddings(e, torch.tensor([[0, 9, 9, 0]]), 9, torch.ones(2, 2))[0, :, 0].tolist()
+        [0.0, 1.0, 1.0, 0.0]
+    """
+    slots = tokens == token_id  # [B, T]
+    features = features.reshape(-1, embeds.shape[-1])
+    # The count check syncs with the host, which a compiled step must not do; eager calls keep it.
+    if not torch.compiler.is_compiling() and (n := int(slots.sum())) != features.shape[0]:
+        raise ValueError(
+            f"the prompt has {n} {what} placeholder tokens (id {token_id}) but there are {features.shape[0]} "
+            f"{what} feature vectors; expand each placeholder to the {what}'s token count first"
+        )
+    return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+
+
+def next_token_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    ignore_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Mean next-token cross entropy (float32) of ``logits: [B, T, V]`` against ``tokens: [B, T]``.
+
+    Token ``t+1`` is a target when ``loss_mask`` (if given) is set at ``t+1``, both it and token ``t`` are real
+    (``attention_mask``) and it is not one of ``ignore_ids`` (image / video placeholders carry no text to
+    predict). With no valid target the loss is 0.
+
+    Example::
+
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> round(float(next_token_loss(logits, torch.tensor([[0, 1, 2]]))), 4)   # uniform over 4: log 4
+        1.3863
+    """
+    b, t = tokens.shape
+    if logits.shape[:2] != (b, t):
+        raise ValueError(f"logits {list(logits.shape)} do not match tokens {list(tokens.shape)}")
+    valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
+    if loss_mask is not None:
+        valid = valid & (loss_mask[:, 1:] != 0)
+    if attention_mask is not None:
+        real = attention_mask != 0
+        valid = valid & real[:, 1:] & real[:, :-1]
+    for i in ignore_ids:
+        valid = valid & (tokens[:, 1:] != i)
+    # -100 where a position is not a target; scoring all T positions avoids copying the logits.
+    targets = F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
+    ce_sum = F.cross_entropy(
+        logits.float().reshape(b * t, -1), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return ce_sum / valid.sum().clamp(min=1).to(ce_sum.dtype)
+
+
+def greedy_loop(
+    step, first_logits: torch.Tensor, max_new_tokens: int, stop_tokens: Sequence[int], pad_token: int
+):
+    """Greedy decoding around ``step(next_tokens [B, 1]) -> logits [B, 1, V]``: returns the new tokens ``[B, n]``.
+
+    A row that emits a stop token is finished: its later tokens are ``pad_token``; the loop ends once every row
+    is finished (HF ``generate`` semantics)."""
+    b = first_logits.shape[0]
+    device = first_logits.device
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    logits, out = first_logits, []
+    for i in range(max_new_tokens):
+        nxt = logits[:, -1].float().argmax(-1)  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt)
+        out.append(nxt[:, None])
+        done = done | torch.isin(nxt, stop)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = step(nxt[:, None])
+    return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+    """A LLaVA model: ``vision`` tower, ``text`` decoder and the glue between them.
+
+    ``feature_layers`` are HF-indexed vision hidden states (``(-2,)`` for LLaVA 1.5; several are concatenated
+    along features); ``feature_select`` is ``"default"`` (drop the CLS token) or ``"full"``.
+
+    Example::
+
+        >>> cfg = LlavaConfig.variant("llava1.5_7b")
+        >>> cfg.num_image_tokens, cfg.text.vocab_size
+        (576, 32064)
+        >>> LlavaConfig.variant("tiny", text={"num_layers": 1}).text.num_layers
+        1
+    """
+
+    vision: vit.ViTConfig
+    text: llama.LlamaConfig
+    image_token_id: int
+    feature_layers: tuple[int, ...] = (-2,)
+    feature_select: str = "default"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self):
+        check_sub("LlavaConfig", "vision", self.vision, vit.ViTConfig)
+        check_sub("LlavaConfig", "text", self.text, llama.LlamaConfig)
+        check_token_id("LlavaConfig", "image_token_id", self.image_token_id, self.text.vocab_size)
+        layers = self.feature_layers
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(
+                f"LlavaConfig.feature_layers must be a non-empty sequence of ints, got {layers!r}"
+            )
+        for i in layers:
+            if not -(self.vision.num_layers + 1) <= i <= self.vision.num_layers:
+                raise ValueError(
+                    f"LlavaConfig.feature_layers: {i} is out of range for a {self.vision.num_layers}-layer tower"
+                )
+        object.__setattr__(self, "feature_layers", layers)
+        if self.feature_select not in ("default", "full"):
+            raise ValueError(f"LlavaConfig.feature_select={self.feature_select!r} is not 'default' or 'full'")
+        if self.feature_select == "default" and not self.vision.class_token:
+            raise ValueError("LlavaConfig.feature_select='default' drops the CLS token; this tower has none")
+        nn.mlp.activation(self.projector_act)
+        if not isinstance(self.projector_bias, bool):
+            raise ValueError(f"LlavaConfig.projector_bias must be a bool, got {self.projector_bias!r}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image in the expanded prompt."""
+        drop = int(self.feature_select == "default" and self.vision.class_token)
+        return self.vision.seq_len - drop
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LlavaConfig:
+        return nested_from_dict(cls, d, {"vision": vit.ViTConfig, "text": llama.LlamaConfig})
+
+    def to_dict(self) -> dict[str, Any]:
+        return nested_to_dict(self)
+
+    @classmethod
+    def variant(cls, name: str, **overrides: Any) -> LlavaConfig:
+        """A named size from :data:`VARIANTS`; dict overrides of ``vision`` / ``text`` update those fields."""
+        if name not in VARIANTS:
+            raise ValueError(f"unknown LLaVA variant {name!r}; known: {sorted(VARIANTS)}")
+        return cls.from_dict(merge_overrides(VARIANTS[name], overrides))
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vision=vit.VARIANTS["clip_tiny"], text=llama.VARIANTS["tiny"], image_token_id=127),
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 + Vicuna-7B v1.5 (Llama 2 7B, vocab 32064 with <image> = 32000).
+    "llava1.5_7b": dict(
+        vision=dict(vit.VARIANTS["clip_vit_l14_336"], dtype="bfloat16"),
+        text=dict(llama.VARIANTS["llama2_7b"], vocab_size=32064, norm_eps=1e-5),
+        image_token_id=32000,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# init
+
+
+def init_boxed(key: torch.Tensor, cfg: LlavaConfig) -> dict[str, Any]:
+    """The parameter tree with every leaf boxed as ``nn.Param(value, logical_axes)``."""
+    k_vis, k_fc1, k_fc2, k_text = random.split(key, 4)
+    dv = cfg.vision.dim * len(cfg.feature_layers)
+    dt, dtype, std = cfg.text.dim, cfg.text.torch_dtype, cfg.text.init_std
+    kw = dict(bias=cfg.projector_bias, std=std, dtype=dtype)
+    return {
+        "vision": vit.init_boxed(k_vis, cfg.vision),
+        "projector": {
+            "fc1": nn.linear.init(k_fc1, dv, dt, axes=("embed", "mlp"), **kw),
+            "fc2": nn.linear.init(k_fc2, dt, dt, axes=("mlp", "embed"), **kw),
+        },
+        "text": llama.init_boxed(k_text, cfg.text),
+    }
+
+
+def init(key: torch.Tensor, cfg: LlavaConfig) -> dict[str, Any]:
+    return nn.unbox(init_boxed(key, cfg))[0]
+
+
+def abstract(cfg: LlavaConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(shapes, axes)`` on the meta device (no memory)."""
+    return nn.abstract(init_boxed, random.key(0), cfg)
+
+
+def logical_axes(cfg: LlavaConfig) -> dict[str, Any]:
+    return abstract(cfg)[1]
+
+
+def default_rules(*, sequence_parallel: bool = True) -> list[tuple[str, Any]]:
+    """Llama's rules plus the vision-only names (the patch conv's input channels are never split)."""
+    return [*llama.default_rules(sequence_parallel=sequence_parallel), ("channels", None)]
+
+
+def num_params(cfg: LlavaConfig) -> int:
+    """Total parameter count from the abstract tree.
+
+    Example::
+
+        >>> num_params(LlavaConfig.variant("llava1.5_7b"))   # llava-hf/llava-1.5-7b-hf
+        7063427072
+    """
+    return pytree.leaf_count(abstract(cfg)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+
+
+def image_features(
+    params: dict[str, Any], cfg: LlavaConfig, pixel_values: torch.Tensor, *, remat_policy: Any = None
+) -> torch.Tensor:
+    """``pixel_values: [n, C, H, W] -> [n, num_image_tokens, D_text]`` (tower, layer selection, projector)."""
+    states = vit.hidden_states(
+        params["vision"], cfg.vision, pixel_values, cfg.feature_layers, remat_policy=remat_policy
+    )
+    if cfg.feature_select == "default":
+        states = [s[:, 1:] for s in states]  # drop CLS
+    x = torch.cat(states, dim=-1) if len(states) > 1 else states[0]  # [n, N, Dv * n_layers]
+    p = params["projector"]
+    return nn.linear.apply(p["fc2"], nn.mlp.activation(cfg.projector_act)(nn.linear.apply(p["fc1"], x)))
+
+
+def expand_image_tokens(tokens: Sequence[int], cfg: LlavaConfig) -> list[int]:
+    """Repeat every image placeholder ``num_image_tokens`` times (what ``LlavaProcessor`` does to ``<image>``).
+
+    Example::
+
+        >>> cfg = LlavaConfig.variant("tiny")
+        >>> len(expand_image_tokens([1, cfg.image_token_id, 2], cfg))
+        18
+    """
+    out: list[int] = []
+    for t in tokens:
+        t = int(t)
+        out.extend([t] * cfg.num_image_tokens if t == cfg.image_token_id else [t])
+    return out
+
+
+def embed_inputs(
+    params: dict[str, Any],
+    cfg: LlavaConfig,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    *,
+    remat_policy: Any = None,
+) -> torch.Tensor:
+    """Text embeddings with the image features written over the placeholders: ``[B, T, D_text]``."""
+    check_tokens(tokens)
+    x = F.embedding(tokens, params["text"]["embed"]["weight"])  # [B, T, D]
+    if pixel_values is None:
+        if bool((tokens == cfg.image_token_id).any()):
+            raise ValueError("tokens hold image placeholders but no pixel_values were given")
+        return x
+    return merge_embeddings(
+        x, tokens, cfg.image_token_id, image_features(params, cfg, pixel_values, remat_policy=remat_policy)
+    )
+
+
+def apply(
+    params: dict[str, Any],
+    cfg: LlavaConfig,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    remat_policy: Any = None,
+) -> torch.Tensor:
+    """Logits ``[B, T, V]``. ``tokens: [B, T]`` hold ``num_image_tokens`` placeholders per image, images in row
+    order; ``pixel_values: [n_images, C, H, W]``. ``attention_mask`` / ``positions`` as in
+    :func:`functional_mm.models.llama.apply` (padding-aware positions by default)."""
+    x = embed_inputs(params, cfg, tokens, pixel_values, remat_policy=remat_policy)
+    return llama.apply(
+        params["text"],
+        cfg.text,
+        None,
+        inputs_embeds=x,
+        attention_mask=attention_mask,
+        positions=positions,
+        remat_policy=remat_policy,
+    )
+
+
+_BATCH_KEYS = ("tokens", "pixel_values", "loss_mask", "attention_mask", "positions")
+
+
+def loss(
+    params: dict[str, Any], cfg: LlavaConfig, batch: Mapping[str, torch.Tensor], *, remat_policy: Any = None
+):
+    """Mean next-token cross entropy over the text targets (image placeholders are never targets).
+
+    ``batch``: ``tokens`` and optionally ``pixel_values``, ``loss_mask``, ``attention_mask``, ``positions``.
+    """
+    unknown = sorted(set(batch) - set(_BATCH_KEYS))
+    if unknown or "tokens" not in batch:
+        raise ValueError(
+            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
+        )
+    logits = apply(
+        params,
+        cfg,
+        batch["tokens"],
+        batch.get("pixel_values"),
+        attention_mask=batch.get("attention_mask"),
+        positions=batch.get("positions"),
+        remat_policy=remat_policy,
+    )
+    return next_token_loss(
+        logits,
+        batch["tokens"],
+        loss_mask=batch.get("loss_mask"),
+        attention_mask=batch.get("attention_mask"),
+        ignore_ids=(cfg.image_token_id,),
+    )
+
+
+def generate(
+    params: dict[str, Any],
+    cfg: LlavaConfig,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_token: int = 0,
+) -> torch.Tensor:
+    """Greedy generation with a fixed-size KV cache (:func:`functional_mm.models.llama.decode`):
+    ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``. ``attention_mask`` marks left padding; rows that emit a
+    ``stop_tokens`` id are finished and padded with ``pad_token``. Equal to HF ``generate(do_sample=False)``.
+    """
+    with torch.no_grad():
+        x = embed_inputs(params, cfg, tokens, pixel_values)
+    return generate_from_embeds(
+        params["text"],
+        cfg.text,
+        tokens,
+        x,
+        max_new_tokens=max_new_tokens,
+        attention_mask=attention_mask,
+        stop_tokens=stop_tokens,
+        pad_token=pad_token,
+    )
+
+
+def generate_from_embeds(
+    text_params: dict[str, Any],
+    text_cfg: llama.LlamaConfig,
+    tokens: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_token: int = 0,
+) -> torch.Tensor:
+    """Greedy decoding of a Llama/Qwen2 decoder from a prompt given as embeddings (``inputs_embeds: [B, T, D]``,
+    ``tokens: [B, T]`` its ids): ``-> [B, T + n]``. Shared by the LLaVA-style VLMs."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    b, t = tokens.shape
+    with torch.no_grad():
+        cache = llama.init_cache(
+            text_cfg, b, t + max_new_tokens, dtype=inputs_embeds.dtype, device=tokens.device
+        )
+        logits, cache = llama.decode(
+            text_params, text_cfg, None, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds
+        )
+        state = {"cache": cache}
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            out, state["cache"] = llama.decode(text_params, text_cfg, nxt.to(tokens.dtype), state["cache"])
+            return out
+
+        new = greedy_loop(step, logits, max_new_tokens, stop_tokens, pad_token)
+    return torch.cat([tokens, new.to(tokens.dtype)], dim=1)
