@@ -14,8 +14,8 @@ Example::
     >>> base = {"attn": {"q": {"weight": torch.randn(8, 4)}}, "norm": {"scale": torch.ones(4)}}
     >>> cfg = lora.LoraConfig(rank=2, alpha=4.0, targets=(r"attn/q/weight$",))
     >>> adapters = lora.init(random.key(0), base, cfg)
-    >>> list(adapters)
-    ['attn/q/weight']
+    >>> adapters["attn"]["q"]["weight"]["b"].shape   # [out, rank]
+    torch.Size([8, 2])
     >>> torch.equal(lora.merge(base, adapters, cfg)["attn"]["q"]["weight"], base["attn"]["q"]["weight"])  # B = 0
     True
 """
@@ -53,9 +53,10 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-def init(key: torch.Tensor, base: Any, cfg: LoraConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """Adapters ``{path: {"a": [r, in], "b": [out, r]}}`` for every matching 2-D weight. ``a`` is
-    Kaiming-uniform and ``b`` zero (PEFT's default), so the merged model starts equal to the base."""
+def init(key: torch.Tensor, base: Any, cfg: LoraConfig) -> Any:
+    """Adapters for every matching 2-D weight, as a tree shaped like the base: the weight at path ``P`` gets
+    ``P/a: [r, in]`` (Kaiming-uniform) and ``P/b: [out, r]`` (zero, PEFT's default), so the merged model starts
+    equal to the base."""
     patterns = [re.compile(t) for t in cfg.targets]
     adapters = {}
     flat = pytree.to_flat_dict(base)
@@ -71,26 +72,29 @@ def init(key: torch.Tensor, base: Any, cfg: LoraConfig) -> dict[str, dict[str, t
         a = random.uniform(
             random.fold_in(key, i), (cfg.rank, in_dim), w.dtype, -bound, bound, device=w.device
         )
-        adapters[path] = {"a": a, "b": torch.zeros(out_dim, cfg.rank, dtype=w.dtype, device=w.device)}
+        adapters[f"{path}/a"] = a
+        adapters[f"{path}/b"] = torch.zeros(out_dim, cfg.rank, dtype=w.dtype, device=w.device)
     if not adapters:
         raise ValueError(
             f"LoRA targets {list(cfg.targets)} match no parameter; paths look like {list(flat)[:5]}"
         )
-    return adapters
+    return pytree.from_flat_dict(adapters)
 
 
-def merge(base: Any, adapters: dict[str, dict[str, torch.Tensor]], cfg: LoraConfig) -> Any:
+def by_path(adapters: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{weight path: (a, b)}`` for an adapter tree from :func:`init`."""
+    flat = pytree.to_flat_dict(adapters)
+    return {p[:-2]: (a, flat[p[:-2] + "/b"]) for p, a in flat.items() if p.endswith("/a")}
+
+
+def merge(base: Any, adapters: Any, cfg: LoraConfig) -> Any:
     """The base tree with ``W + scale * B @ A`` at every adapted path (differentiable in the adapters)."""
-    return pytree.map_with_path(
-        lambda path, w: (
-            w + cfg.scale * (adapters[path]["b"] @ adapters[path]["a"]) if path in adapters else w
-        ),
-        base,
-    )
+    ab = by_path(adapters)
+    return pytree.map_with_path(lambda p, w: w + cfg.scale * (ab[p][1] @ ab[p][0]) if p in ab else w, base)
 
 
 def save_peft(
-    adapters: dict[str, dict[str, torch.Tensor]],
+    adapters: Any,
     cfg: LoraConfig,
     directory: str,
     hf_name: Callable[[str], str],
@@ -103,11 +107,11 @@ def save_peft(
     """
     os.makedirs(directory, exist_ok=True)
     tensors, modules = {}, set()
-    for path, ab in adapters.items():
+    for path, (a, b) in by_path(adapters).items():
         module = hf_name(path).removesuffix(".weight")
         modules.add(module.removeprefix("model."))  # full names: PEFT adapts exactly these modules
-        tensors[f"base_model.model.{module}.lora_A.weight"] = ab["a"].detach().contiguous().cpu()
-        tensors[f"base_model.model.{module}.lora_B.weight"] = ab["b"].detach().contiguous().cpu()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().contiguous().cpu()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().contiguous().cpu()
     save_file(tensors, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",

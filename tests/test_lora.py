@@ -24,7 +24,7 @@ def _setup():
 def test_adapters_train_and_base_is_untouched():
     base, adapters = _setup()
     before = pytree.tree_map(torch.clone, base)
-    assert sorted(adapters) == sorted(
+    assert sorted(lora.by_path(adapters)) == sorted(
         f"layers/{i}/{m}/weight" for i in range(2) for m in ("attn/q", "attn/v", "mlp/down")
     )
     tx = optim.adam(3e-2)
@@ -43,8 +43,12 @@ def test_adapters_train_and_base_is_untouched():
 def test_peft_export_and_merged_export_match_in_transformers(tmp_path):
     peft = pytest.importorskip("peft")
     base, adapters = _setup()
-    adapters = {k: {"a": v["a"], "b": random.normal(random.fold_in(random.key(5), i), v["b"].shape) * 0.1}
-                for i, (k, v) in enumerate(adapters.items())}  # fmt: skip
+    adapters = pytree.map_with_path(
+        lambda p, x: (
+            random.normal(random.fold_in(random.key(5), len(p)), x.shape) * 0.1 if p.endswith("/b") else x
+        ),
+        adapters,
+    )
     tokens = random.randint(random.key(4), (2, 10), 0, 64)
     ours = llama.apply(lora.merge(base, adapters, LORA), CFG, tokens)
 
