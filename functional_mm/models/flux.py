@@ -49,6 +49,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import einops
 import torch
 import torch.nn.functional as F
 
@@ -331,8 +332,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     if h % 2 or w % 2:
         raise ValueError(f"pack_latents: latent size {h}x{w} must be even (2x2 packing)")
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+    return einops.rearrange(latents, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
 
 
 def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -340,8 +340,7 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, n, c4 = x.shape
     if height % 2 or width % 2 or n != (height // 2) * (width // 2) or c4 % 4:
         raise ValueError(f"unpack_latents: {list(x.shape)} does not pack a {height}x{width} latent")
-    x = x.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c4 // 4, height, width)
+    return einops.rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, ph=2, pw=2)
 
 
 def image_ids(rows: int, cols: int, *, device=None) -> torch.Tensor:
