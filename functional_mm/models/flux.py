@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from functional_mm import autodiff, nn, parallelism, pytree, random
+from functional_mm.models.mmdit import _attention, _check_int, _embed_mlp, _heads, _merge, _mlp
+from functional_mm.models.vit import from_dict as _from_dict
 from functional_mm.nn.modulation import layer_norm, modulate
 from functional_mm.parallelism import constrain
 
@@ -83,11 +85,6 @@ MLP_RATIO = 4
 EPS = 1e-6
 ROPE_THETA = 10000.0
 _RESIDUAL = ("act_batch", "act_seq", "act_embed")
-
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"FluxConfig.{name} must be an int >= {minimum}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +125,14 @@ class FluxConfig:
             "joint_attention_dim",
             "pooled_projection_dim",
         ):
-            _check_int(name, getattr(self, name))
-        _check_int("num_layers", self.num_layers, 0)
-        _check_int("num_single_layers", self.num_single_layers, 0)
+            _check_int("FluxConfig", name, getattr(self, name))
+        _check_int("FluxConfig", "num_layers", self.num_layers, 0)
+        _check_int("FluxConfig", "num_single_layers", self.num_single_layers, 0)
         if self.num_layers + self.num_single_layers == 0:
             raise ValueError("FluxConfig.num_layers + num_single_layers must be >= 1")
         if self.out_channels is None:
             object.__setattr__(self, "out_channels", self.in_channels)
-        _check_int("out_channels", self.out_channels)
+        _check_int("FluxConfig", "out_channels", self.out_channels)
         if not isinstance(self.guidance_embeds, bool):
             raise ValueError(f"FluxConfig.guidance_embeds must be a bool, got {self.guidance_embeds!r}")
         axes = self.axes_dims_rope
@@ -162,16 +159,10 @@ class FluxConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FluxConfig:
         """Build from a plain dict, rejecting unknown fields."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"FluxConfig.from_dict: unknown field(s) {unknown}; known fields: {sorted(known)}"
-            )
         d = dict(d)
         if isinstance(d.get("axes_dims_rope"), list):
             d["axes_dims_rope"] = tuple(d["axes_dims_rope"])
-        return cls(**d)
+        return _from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -221,26 +212,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # init
 
 
-def _attention(key, cfg: FluxConfig, *, out: bool = True) -> dict[str, Any]:
-    dtype = cfg.torch_dtype
-    p = nn.attention.init(
-        key, cfg.dim, cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True, out_bias=True, dtype=dtype
-    )
-    if not out:
-        del p["o"]
-    p["q_norm"] = nn.norms.init_rms_norm(cfg.head_dim, dtype=dtype)
-    p["k_norm"] = nn.norms.init_rms_norm(cfg.head_dim, dtype=dtype)
-    return p
-
-
-def _embed_mlp(key, in_dim: int, dim: int, dtype) -> dict[str, Any]:
-    k1, k2 = random.split(key)
-    return {
-        "fc1": nn.linear.init(k1, in_dim, dim, axes=(None, "mlp"), bias=True, dtype=dtype),
-        "fc2": nn.linear.init(k2, dim, dim, axes=("mlp", "embed"), bias=True, dtype=dtype),
-    }
-
-
 def init_boxed(key: torch.Tensor, cfg: FluxConfig) -> dict[str, Any]:
     """The parameter tree with every leaf boxed as ``nn.Param(value, logical_axes)``; adaLN modulations and
     the output projection start at zero (adaLN-Zero), everything else LeCun-normal.
@@ -260,8 +231,8 @@ def init_boxed(key: torch.Tensor, cfg: FluxConfig) -> dict[str, Any]:
             {
                 "x_mod": nn.modulation.init(kx, d, d, 6, dtype=dtype),
                 "c_mod": nn.modulation.init(kc, d, d, 6, dtype=dtype),
-                "attn": _attention(ka, cfg),
-                "c_attn": _attention(kca, cfg),
+                "attn": _attention(ka, cfg, qk_norm=True),
+                "c_attn": _attention(kca, cfg, qk_norm=True),
                 "mlp": nn.mlp.init_mlp(km, d, MLP_RATIO * d, dtype=dtype),
                 "c_mlp": nn.mlp.init_mlp(kcm, d, MLP_RATIO * d, dtype=dtype),
             }
@@ -272,7 +243,7 @@ def init_boxed(key: torch.Tensor, cfg: FluxConfig) -> dict[str, Any]:
         single.append(
             {
                 "mod": nn.modulation.init(km, d, d, 3, dtype=dtype),
-                "attn": _attention(ka, cfg, out=False),
+                "attn": _attention(ka, cfg, out=False, qk_norm=True),
                 "mlp_in": nn.linear.init(ki, d, MLP_RATIO * d, axes=("embed", "mlp"), bias=True, dtype=dtype),
                 "proj_out": nn.linear.init(
                     ko, d + MLP_RATIO * d, d, axes=("mlp", "embed"), bias=True, dtype=dtype
@@ -360,14 +331,9 @@ def text_ids(length: int, *, device=None) -> torch.Tensor:
 
 
 def _qkv(p, x: torch.Tensor, cfg: FluxConfig):
-    b, t, _ = x.shape
-
-    def heads(y):
-        return y.view(b, t, -1, cfg.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-
-    q = heads(nn.linear.apply(p["q"], x))
-    k = heads(nn.linear.apply(p["k"], x))
-    v = heads(nn.linear.apply(p["v"], x))
+    q = _heads(nn.linear.apply(p["q"], x), cfg.head_dim)  # [B, H, T, Dh]
+    k = _heads(nn.linear.apply(p["k"], x), cfg.head_dim)
+    v = _heads(nn.linear.apply(p["v"], x), cfg.head_dim)
     # torch.nn.RMSNorm (F.rms_norm), as diffusers' FluxAttention uses.
     q = F.rms_norm(q, (cfg.head_dim,), p["q_norm"]["scale"], EPS)
     k = F.rms_norm(k, (cfg.head_dim,), p["k_norm"]["scale"], EPS)
@@ -376,13 +342,7 @@ def _qkv(p, x: torch.Tensor, cfg: FluxConfig):
 
 def _attend(q, k, v, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     q, k = nn.rope.apply_interleaved(q, *rope), nn.rope.apply_interleaved(k, *rope)
-    o = nn.attention.dot_product_attention(q, k, v)  # [B, H, T, Dh]
-    b, h, t, dh = o.shape
-    return o.transpose(1, 2).reshape(b, t, h * dh)
-
-
-def _mlp(p, x):
-    return nn.mlp.mlp(p, x, act="gelu_tanh")
+    return _merge(nn.attention.dot_product_attention(q, k, v))  # [B, T, D]
 
 
 def _double_block(p, x, c, temb, rope, cfg: FluxConfig):

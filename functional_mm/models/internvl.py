@@ -39,15 +39,15 @@ import torch
 from functional_mm import nn, pytree, random
 from functional_mm.models import llama, vit
 from functional_mm.models.llava import (
+    apply_with,
+    batch_loss,
     check_sub,
     check_token_id,
-    check_tokens,
-    generate_from_embeds,
-    merge_embeddings,
+    embed_with_images,
+    generate_with,
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
-    next_token_loss,
 )
 
 __all__ = [
@@ -292,15 +292,7 @@ def embed_inputs(
     remat_policy: Any = None,
 ) -> torch.Tensor:
     """Text embeddings with the tile features written over the ``<IMG_CONTEXT>`` placeholders."""
-    check_tokens(tokens)
-    x = torch.nn.functional.embedding(tokens, params["text"]["embed"]["weight"])
-    if pixel_values is None:
-        if bool((tokens == cfg.image_token_id).any()):
-            raise ValueError("tokens hold image placeholders but no pixel_values were given")
-        return x
-    return merge_embeddings(
-        x, tokens, cfg.image_token_id, image_features(params, cfg, pixel_values, remat_policy=remat_policy)
-    )
+    return embed_with_images(params, cfg, tokens, pixel_values, image_features, remat_policy=remat_policy)
 
 
 def apply(
@@ -314,12 +306,12 @@ def apply(
     remat_policy: Any = None,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]``; ``tokens`` hold ``num_image_tokens`` placeholders per tile, tiles in row order."""
-    x = embed_inputs(params, cfg, tokens, pixel_values, remat_policy=remat_policy)
-    return llama.apply(
-        params["text"],
-        cfg.text,
-        None,
-        inputs_embeds=x,
+    return apply_with(
+        embed_inputs,
+        params,
+        cfg,
+        tokens,
+        pixel_values,
         attention_mask=attention_mask,
         positions=positions,
         remat_policy=remat_policy,
@@ -333,26 +325,8 @@ def loss(
     params: dict[str, Any], cfg: InternVLConfig, batch: Mapping[str, torch.Tensor], *, remat_policy=None
 ):
     """Mean next-token cross entropy over the text targets (image placeholders are never targets)."""
-    unknown = sorted(set(batch) - set(_BATCH_KEYS))
-    if unknown or "tokens" not in batch:
-        raise ValueError(
-            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
-        )
-    logits = apply(
-        params,
-        cfg,
-        batch["tokens"],
-        batch.get("pixel_values"),
-        attention_mask=batch.get("attention_mask"),
-        positions=batch.get("positions"),
-        remat_policy=remat_policy,
-    )
-    return next_token_loss(
-        logits,
-        batch["tokens"],
-        loss_mask=batch.get("loss_mask"),
-        attention_mask=batch.get("attention_mask"),
-        ignore_ids=(cfg.image_token_id,),
+    return batch_loss(
+        apply, params, cfg, batch, _BATCH_KEYS, (cfg.image_token_id,), remat_policy=remat_policy
     )
 
 
@@ -368,13 +342,12 @@ def generate(
     pad_token: int = 0,
 ) -> torch.Tensor:
     """Greedy generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]`` (see :func:`llava.generate`)."""
-    with torch.no_grad():
-        x = embed_inputs(params, cfg, tokens, pixel_values)
-    return generate_from_embeds(
-        params["text"],
-        cfg.text,
+    return generate_with(
+        embed_inputs,
+        params,
+        cfg,
         tokens,
-        x,
+        pixel_values,
         max_new_tokens=max_new_tokens,
         attention_mask=attention_mask,
         stop_tokens=stop_tokens,

@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -383,6 +383,20 @@ def embed_inputs(
     remat_policy: Any = None,
 ) -> torch.Tensor:
     """Text embeddings with the image features written over the placeholders: ``[B, T, D_text]``."""
+    return embed_with_images(params, cfg, tokens, pixel_values, image_features, remat_policy=remat_policy)
+
+
+def embed_with_images(
+    params: dict[str, Any],
+    cfg: Any,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    features_fn: Callable[..., torch.Tensor],
+    *,
+    remat_policy: Any = None,
+) -> torch.Tensor:
+    """Embed ``tokens`` with ``params["text"]["embed"]`` and write ``features_fn(params, cfg, pixel_values)`` over
+    the ``cfg.image_token_id`` placeholders. Shared by the LLaVA-style VLMs' ``embed_inputs``."""
     check_tokens(tokens)
     x = F.embedding(tokens, params["text"]["embed"]["weight"])  # [B, T, D]
     if pixel_values is None:
@@ -390,7 +404,7 @@ def embed_inputs(
             raise ValueError("tokens hold image placeholders but no pixel_values were given")
         return x
     return merge_embeddings(
-        x, tokens, cfg.image_token_id, image_features(params, cfg, pixel_values, remat_policy=remat_policy)
+        x, tokens, cfg.image_token_id, features_fn(params, cfg, pixel_values, remat_policy=remat_policy)
     )
 
 
@@ -407,7 +421,32 @@ def apply(
     """Logits ``[B, T, V]``. ``tokens: [B, T]`` hold ``num_image_tokens`` placeholders per image, images in row
     order; ``pixel_values: [n_images, C, H, W]``. ``attention_mask`` / ``positions`` as in
     :func:`functional_mm.models.llama.apply` (padding-aware positions by default)."""
-    x = embed_inputs(params, cfg, tokens, pixel_values, remat_policy=remat_policy)
+    return apply_with(
+        embed_inputs,
+        params,
+        cfg,
+        tokens,
+        pixel_values,
+        attention_mask=attention_mask,
+        positions=positions,
+        remat_policy=remat_policy,
+    )
+
+
+def apply_with(
+    embed_fn: Callable[..., torch.Tensor],
+    params: dict[str, Any],
+    cfg: Any,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    remat_policy: Any = None,
+) -> torch.Tensor:
+    """Logits of the Llama decoder ``params["text"]`` run on ``embed_fn(params, cfg, tokens, pixel_values)``.
+    Shared by the LLaVA-style VLMs' ``apply``."""
+    x = embed_fn(params, cfg, tokens, pixel_values, remat_policy=remat_policy)
     return llama.apply(
         params["text"],
         cfg.text,
@@ -429,26 +468,35 @@ def loss(
 
     ``batch``: ``tokens`` and optionally ``pixel_values``, ``loss_mask``, ``attention_mask``, ``positions``.
     """
-    unknown = sorted(set(batch) - set(_BATCH_KEYS))
-    if unknown or "tokens" not in batch:
-        raise ValueError(
-            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
-        )
-    logits = apply(
-        params,
-        cfg,
-        batch["tokens"],
-        batch.get("pixel_values"),
-        attention_mask=batch.get("attention_mask"),
-        positions=batch.get("positions"),
-        remat_policy=remat_policy,
+    return batch_loss(
+        apply, params, cfg, batch, _BATCH_KEYS, (cfg.image_token_id,), remat_policy=remat_policy
     )
+
+
+def batch_loss(
+    apply_fn: Callable[..., torch.Tensor],
+    params: dict[str, Any],
+    cfg: Any,
+    batch: Mapping[str, Any],
+    keys: Sequence[str],
+    ignore_ids: Sequence[int],
+    *,
+    remat_policy: Any = None,
+) -> torch.Tensor:
+    """Next-token loss of ``apply_fn(params, cfg, batch["tokens"], **inputs)``: ``keys`` are the allowed batch
+    keys (``"tokens"`` first); every key but ``loss_mask`` goes to ``apply_fn``. ``ignore_ids`` are never
+    targets. Shared by the VLMs' ``loss``."""
+    unknown = sorted(set(batch) - set(keys))
+    if unknown or "tokens" not in batch:
+        raise ValueError(f"loss: batch needs 'tokens' and may hold {list(keys[1:])}; unknown keys {unknown}")
+    kw = {k: batch.get(k) for k in keys[1:] if k != "loss_mask"}
+    logits = apply_fn(params, cfg, batch["tokens"], remat_policy=remat_policy, **kw)
     return next_token_loss(
         logits,
         batch["tokens"],
         loss_mask=batch.get("loss_mask"),
         attention_mask=batch.get("attention_mask"),
-        ignore_ids=(cfg.image_token_id,),
+        ignore_ids=tuple(ignore_ids),
     )
 
 
@@ -467,8 +515,35 @@ def generate(
     ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``. ``attention_mask`` marks left padding; rows that emit a
     ``stop_tokens`` id are finished and padded with ``pad_token``. Equal to HF ``generate(do_sample=False)``.
     """
+    return generate_with(
+        embed_inputs,
+        params,
+        cfg,
+        tokens,
+        pixel_values,
+        max_new_tokens=max_new_tokens,
+        attention_mask=attention_mask,
+        stop_tokens=stop_tokens,
+        pad_token=pad_token,
+    )
+
+
+def generate_with(
+    embed_fn: Callable[..., torch.Tensor],
+    params: dict[str, Any],
+    cfg: Any,
+    tokens: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_token: int = 0,
+) -> torch.Tensor:
+    """Greedy generation from ``embed_fn(params, cfg, tokens, pixel_values)`` with the decoder
+    ``params["text"]`` (:func:`generate_from_embeds`). Shared by the LLaVA-style VLMs' ``generate``."""
     with torch.no_grad():
-        x = embed_inputs(params, cfg, tokens, pixel_values)
+        x = embed_fn(params, cfg, tokens, pixel_values)
     return generate_from_embeds(
         params["text"],
         cfg.text,

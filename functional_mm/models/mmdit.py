@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from functional_mm import autodiff, nn, parallelism, pytree, random
+from functional_mm.models.vit import from_dict as _from_dict
 from functional_mm.nn.modulation import layer_norm, modulate
 from functional_mm.parallelism import constrain
 
@@ -173,16 +174,10 @@ class MMDiTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MMDiTConfig:
         """Build from a plain dict, rejecting unknown fields (a typo must not silently become a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"MMDiTConfig.from_dict: unknown field(s) {unknown}; known fields: {sorted(known)}"
-            )
         d = dict(d)
         if isinstance(d.get("dual_attention_layers"), list):
             d["dual_attention_layers"] = tuple(d["dual_attention_layers"])
-        return cls(**d)
+        return _from_dict(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -268,14 +263,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # init
 
 
-def _attention(key, cfg: MMDiTConfig, *, out: bool = True) -> dict[str, Any]:
+def _attention(key, cfg: Any, *, out: bool = True, qk_norm: bool | None = None) -> dict[str, Any]:
+    """q/k/v(/o) projections with biases, plus q/k RMSNorm scales when ``qk_norm`` (default: as ``cfg.qk_norm``
+    says). Shared with :mod:`functional_mm.models.flux`."""
+    if qk_norm is None:
+        qk_norm = cfg.qk_norm == "rms_norm"
     dtype = cfg.torch_dtype
     p = nn.attention.init(
         key, cfg.dim, cfg.num_heads, head_dim=cfg.head_dim, qkv_bias=True, out_bias=True, dtype=dtype
     )
     if not out:
         del p["o"]
-    if cfg.qk_norm == "rms_norm":
+    if qk_norm:
         p["q_norm"] = nn.norms.init_rms_norm(cfg.head_dim, dtype=dtype)
         p["k_norm"] = nn.norms.init_rms_norm(cfg.head_dim, dtype=dtype)
     return p

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from functional_mm import autodiff, nn, pytree, random
 from functional_mm.models import llama, vit
 from functional_mm.models.llava import (
+    batch_loss,
     check_sub,
     check_token_id,
     check_tokens,
@@ -55,7 +56,6 @@ from functional_mm.models.llava import (
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
-    next_token_loss,
 )
 from functional_mm.models.vit import check_number, check_positive_int
 
@@ -657,19 +657,14 @@ def loss(
 
     ``batch``: ``tokens`` and optionally the image/video inputs of :func:`apply`, ``loss_mask``,
     ``attention_mask`` and ``positions``."""
-    unknown = sorted(set(batch) - set(_BATCH_KEYS))
-    if unknown or "tokens" not in batch:
-        raise ValueError(
-            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
-        )
-    kw = {k: batch.get(k) for k in _BATCH_KEYS[1:] if k != "loss_mask"}
-    logits = apply(params, cfg, batch["tokens"], remat_policy=remat_policy, **kw)
-    return next_token_loss(
-        logits,
-        batch["tokens"],
-        loss_mask=batch.get("loss_mask"),
-        attention_mask=batch.get("attention_mask"),
-        ignore_ids=(cfg.image_token_id, cfg.video_token_id),
+    return batch_loss(
+        apply,
+        params,
+        cfg,
+        batch,
+        _BATCH_KEYS,
+        (cfg.image_token_id, cfg.video_token_id),
+        remat_policy=remat_policy,
     )
 
 

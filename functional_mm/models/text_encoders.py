@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from functional_mm import nn, parallelism, pytree, random
+from functional_mm.models.vit import from_dict as _from_dict
 
 __all__ = [
     "CLIPTextConfig",
@@ -73,16 +74,6 @@ DTYPES = {
 def _positive_int(cls: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{cls}.{name} must be an int >= 1, got {value!r}")
-
-
-def _from_dict(cls, d: Mapping[str, Any]):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(
-            f"{cls.__name__}.from_dict: unknown field(s) {unknown}; known fields: {sorted(known)}"
-        )
-    return cls(**dict(d))
 
 
 # ================================================================================================================

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from functional_mm import pytree
 from functional_mm.models import flux
 from functional_mm.models.hf import io
+from functional_mm.models.hf import mmdit as hf_mmdit
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -48,26 +48,7 @@ _TOP = {
     "final_mod": "norm_out.linear",
     "proj_out": "proj_out",
 }
-_DOUBLE = {
-    "x_mod": "norm1.linear",
-    "c_mod": "norm1_context.linear",
-    "attn/q": "attn.to_q",
-    "attn/k": "attn.to_k",
-    "attn/v": "attn.to_v",
-    "attn/o": "attn.to_out.0",
-    "attn/q_norm": "attn.norm_q",
-    "attn/k_norm": "attn.norm_k",
-    "c_attn/q": "attn.add_q_proj",
-    "c_attn/k": "attn.add_k_proj",
-    "c_attn/v": "attn.add_v_proj",
-    "c_attn/o": "attn.to_add_out",
-    "c_attn/q_norm": "attn.norm_added_q",
-    "c_attn/k_norm": "attn.norm_added_k",
-    "mlp/fc1": "ff.net.0.proj",
-    "mlp/fc2": "ff.net.2",
-    "c_mlp/fc1": "ff_context.net.0.proj",
-    "c_mlp/fc2": "ff_context.net.2",
-}
+_DOUBLE = hf_mmdit.JOINT_BLOCK
 _SINGLE = {
     "mod": "norm.linear",
     "attn/q": "attn.to_q",
@@ -130,9 +111,7 @@ def config_from_hf(d: Mapping[str, Any]) -> flux.FluxConfig:
         ...     "attention_head_dim": 16, "axes_dims_rope": [4, 6, 6]}).dim
         32
     """
-    cls = d.get("_class_name", CLASS_NAME)
-    if cls != CLASS_NAME:
-        raise ValueError(f"config_from_hf: _class_name {cls!r} is not {CLASS_NAME!r}")
+    hf_mmdit.check_class_name(d, CLASS_NAME)
     fields = {k: d[k] for k in _SAME if k in d}
     fields["num_heads"] = d.get("num_attention_heads", 24)
     fields["head_dim"] = d.get("attention_head_dim", 128)
@@ -142,17 +121,7 @@ def config_from_hf(d: Mapping[str, Any]) -> flux.FluxConfig:
 
 def config_to_hf(cfg: flux.FluxConfig) -> dict[str, Any]:
     """A diffusers ``config.json`` dict (``_class_name`` included)."""
-    import diffusers  # only for the version stamp
-
-    d = {k: getattr(cfg, k) for k in _SAME}
-    d.update(
-        _class_name=CLASS_NAME,
-        _diffusers_version=diffusers.__version__,
-        num_attention_heads=cfg.num_heads,
-        attention_head_dim=cfg.head_dim,
-        axes_dims_rope=list(cfg.axes_dims_rope),
-    )
-    return d
+    return hf_mmdit.diffusers_config(cfg, _SAME, CLASS_NAME, axes_dims_rope=list(cfg.axes_dims_rope))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,10 +141,7 @@ def from_hf_state_dict(
 
 def to_hf_state_dict(params: dict[str, Any], cfg: flux.FluxConfig) -> dict[str, torch.Tensor]:
     """``{diffusers name: tensor}`` (CPU, contiguous), checked against ``cfg``."""
-    shapes = {hf_name(p): tuple(x.shape) for p, x in pytree.flatten_with_paths(_shapes(cfg))[0]}
-    out = io.export_params(params, hf_name)
-    io.check_names({k: tuple(v.shape) for k, v in out.items()}, shapes, where="params")
-    return out
+    return hf_mmdit.export_checked(params, _shapes(cfg), hf_name)
 
 
 def load_pretrained(
@@ -205,8 +171,6 @@ def save_pretrained(
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (sharded with an index above
     ``max_shard_bytes``) that ``diffusers.FluxTransformer2DModel.from_pretrained`` loads with no missing or
     unexpected keys. Returns the written file names."""
-    files = io.write_tensors(
-        directory, to_hf_state_dict(params, cfg), max_shard_bytes=max_shard_bytes, weights_name=WEIGHTS_NAME
+    return hf_mmdit.write_pretrained(
+        directory, to_hf_state_dict(params, cfg), config_to_hf(cfg), max_shard_bytes
     )
-    io.write_config(directory, config_to_hf(cfg))
-    return [*files, "config.json"]

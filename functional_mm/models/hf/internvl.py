@@ -169,8 +169,6 @@ def name_map(cfg: internvl.InternVLConfig) -> hf_vit.NameMap:
 # ----------------------------------------------------------------------------------------------------------------
 # weights
 
-_EMBED = "model.language_model.embed_tokens.weight"
-
 
 def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: internvl.InternVLConfig, *, dtype=None):
     """Our tree from a transformers ``InternVLForConditionalGeneration.state_dict()`` (strict; copied)."""
@@ -181,7 +179,6 @@ def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: internvl.Int
         name_map(cfg),
         rename=canonical_name,
         where="state dict",
-        embed_name=_EMBED,
         dtype=dtype,
     )
 
@@ -190,10 +187,7 @@ def to_hf_state_dict(
     params, cfg: internvl.InternVLConfig, *, spelling: str = "disk"
 ) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` in the 5.x file spelling (``"disk"``) or the in-memory one (``"memory"``)."""
-    if spelling not in ("disk", "memory"):
-        raise ValueError(f"spelling must be 'disk' or 'memory', got {spelling!r}")
-    out = hf_vit.export_tree(params, name_map(cfg))
-    return {disk_name(k): v for k, v in out.items()} if spelling == "disk" else out
+    return hf_llava.export(params, name_map(cfg), disk_name, spelling)
 
 
 def load_pretrained(directory: str | os.PathLike, *, dtype: str | None = None):
@@ -206,7 +200,6 @@ def load_pretrained(directory: str | os.PathLike, *, dtype: str | None = None):
         name_map(cfg),
         rename=canonical_name,
         where=f"checkpoint {str(directory)!r}",
-        embed_name=_EMBED,
     )
     return cfg, params
 
@@ -221,6 +214,6 @@ def save_pretrained(
 ) -> list[str]:
     """Write ``config.json`` + safetensors that ``InternVLForConditionalGeneration.from_pretrained`` loads with
     no missing or unexpected keys. Returns the written file names."""
-    files = io.write_tensors(directory, to_hf_state_dict(params, cfg), max_shard_bytes=max_shard_bytes)
-    io.write_config(directory, config_to_hf(cfg, extra_config))
-    return [*files, "config.json"]
+    return hf_llava.write_pretrained(
+        directory, to_hf_state_dict(params, cfg), config_to_hf(cfg, extra_config), max_shard_bytes
+    )

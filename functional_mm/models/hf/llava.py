@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -224,7 +224,10 @@ def tied_head_check(tensors: Mapping[str, torch.Tensor], embed_name: str, where:
         )
 
 
-def load(source, cfg, shapes, nm, *, rename, where: str, embed_name: str, dtype=None):
+_EMBED = "model.language_model.embed_tokens.weight"
+
+
+def load(source, cfg, shapes, nm, *, rename, where: str, embed_name: str = _EMBED, dtype=None):
     """Strict load shared by the VLM adapters: a tied ``lm_head.weight`` copy is allowed (and checked)."""
     ignore = ()
     if cfg.text.tie_embeddings:
@@ -246,9 +249,6 @@ def load(source, cfg, shapes, nm, *, rename, where: str, embed_name: str, dtype=
     return hf_vit.load_tree(source, shapes, nm, rename=rename, ignore=ignore, dtype=dtype)
 
 
-_EMBED = "model.language_model.embed_tokens.weight"
-
-
 def from_hf_state_dict(
     state_dict: Mapping[str, torch.Tensor], cfg: llava.LlavaConfig, *, dtype: torch.dtype | None = None
 ) -> dict[str, Any]:
@@ -260,7 +260,6 @@ def from_hf_state_dict(
         name_map(cfg),
         rename=canonical_name,
         where="state dict",
-        embed_name=_EMBED,
         dtype=dtype,
     )
 
@@ -269,10 +268,18 @@ def to_hf_state_dict(
     params: dict[str, Any], cfg: llava.LlavaConfig, *, spelling: str = "disk"
 ) -> dict[str, Any]:
     """``{name: tensor}`` in the hub spelling (``spelling="disk"``) or the in-memory one (``"memory"``)."""
+    return export(params, name_map(cfg), disk_name, spelling)
+
+
+def export(
+    params: dict[str, Any], nm: hf_vit.NameMap, to_disk: Callable[[str], str], spelling: str
+) -> dict[str, Any]:
+    """``{name: tensor}`` of ``params`` under ``nm``, renamed by ``to_disk`` when ``spelling == "disk"``
+    (``"memory"`` keeps the in-memory names). Shared by the VLM adapters' ``to_hf_state_dict``."""
     if spelling not in ("disk", "memory"):
         raise ValueError(f"spelling must be 'disk' or 'memory', got {spelling!r}")
-    out = hf_vit.export_tree(params, name_map(cfg))
-    return {disk_name(k): v for k, v in out.items()} if spelling == "disk" else out
+    out = hf_vit.export_tree(params, nm)
+    return {to_disk(k): v for k, v in out.items()} if spelling == "disk" else out
 
 
 def load_pretrained(
@@ -293,7 +300,6 @@ def load_pretrained(
         name_map(cfg),
         rename=canonical_name,
         where=f"checkpoint {str(directory)!r}",
-        embed_name=_EMBED,
     )
     return cfg, params
 
@@ -308,6 +314,19 @@ def save_pretrained(
 ) -> list[str]:
     """Write ``config.json`` + safetensors (hub spelling) that ``LlavaForConditionalGeneration.from_pretrained``
     loads with no missing or unexpected keys. Returns the written file names."""
-    files = io.write_tensors(directory, to_hf_state_dict(params, cfg), max_shard_bytes=max_shard_bytes)
-    io.write_config(directory, config_to_hf(cfg, extra_config))
+    return write_pretrained(
+        directory, to_hf_state_dict(params, cfg), config_to_hf(cfg, extra_config), max_shard_bytes
+    )
+
+
+def write_pretrained(
+    directory: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Write ``state_dict`` as safetensors (sharded above ``max_shard_bytes``) and ``config`` as
+    ``config.json``; returns the written file names. Shared by the VLM adapters' ``save_pretrained``."""
+    files = io.write_tensors(directory, state_dict, max_shard_bytes=max_shard_bytes)
+    io.write_config(directory, config)
     return [*files, "config.json"]

@@ -53,7 +53,8 @@ _TOP = {
     "final_mod": "norm_out.linear",
     "proj_out": "proj_out",
 }
-_BLOCK = {
+# diffusers' joint (image + text) transformer block, shared with Flux's double blocks.
+JOINT_BLOCK = {
     "x_mod": "norm1.linear",
     "c_mod": "norm1_context.linear",
     "attn/q": "attn.to_q",
@@ -68,16 +69,19 @@ _BLOCK = {
     "c_attn/o": "attn.to_add_out",
     "c_attn/q_norm": "attn.norm_added_q",
     "c_attn/k_norm": "attn.norm_added_k",
+    "mlp/fc1": "ff.net.0.proj",
+    "mlp/fc2": "ff.net.2",
+    "c_mlp/fc1": "ff_context.net.0.proj",
+    "c_mlp/fc2": "ff_context.net.2",
+}
+_BLOCK = {
+    **JOINT_BLOCK,
     "attn2/q": "attn2.to_q",
     "attn2/k": "attn2.to_k",
     "attn2/v": "attn2.to_v",
     "attn2/o": "attn2.to_out.0",
     "attn2/q_norm": "attn2.norm_q",
     "attn2/k_norm": "attn2.norm_k",
-    "mlp/fc1": "ff.net.0.proj",
-    "mlp/fc2": "ff.net.2",
-    "c_mlp/fc1": "ff_context.net.0.proj",
-    "c_mlp/fc2": "ff_context.net.2",
 }
 _LEAF = {"weight": "weight", "bias": "bias", "scale": "weight"}
 _BLOCK_PATH = re.compile(r"^blocks/(\d+)/(.+)/(weight|bias|scale)$")
@@ -129,9 +133,7 @@ def config_from_hf(d: Mapping[str, Any]) -> mmdit.MMDiTConfig:
         >>> cfg.dim, cfg.dual_attention_layers
         (16, (0,))
     """
-    cls = d.get("_class_name", CLASS_NAME)
-    if cls != CLASS_NAME:
-        raise ValueError(f"config_from_hf: _class_name {cls!r} is not {CLASS_NAME!r}")
+    check_class_name(d, CLASS_NAME)
     if d.get("pos_embed_max_size", 96) is None:
         raise ValueError(
             "config_from_hf: pos_embed_max_size=None (an uncropped position table) is not supported"
@@ -145,15 +147,28 @@ def config_from_hf(d: Mapping[str, Any]) -> mmdit.MMDiTConfig:
 
 def config_to_hf(cfg: mmdit.MMDiTConfig) -> dict[str, Any]:
     """A diffusers ``config.json`` dict (``_class_name`` included)."""
+    return diffusers_config(cfg, _SAME, CLASS_NAME, dual_attention_layers=list(cfg.dual_attention_layers))
+
+
+def check_class_name(d: Mapping[str, Any], class_name: str) -> None:
+    """Reject a diffusers config dict whose ``_class_name`` (when given) is not ``class_name``."""
+    cls = d.get("_class_name", class_name)
+    if cls != class_name:
+        raise ValueError(f"config_from_hf: _class_name {cls!r} is not {class_name!r}")
+
+
+def diffusers_config(cfg: Any, same: tuple[str, ...], class_name: str, **extra: Any) -> dict[str, Any]:
+    """A diffusers transformer ``config.json`` dict: the ``same`` fields of ``cfg``, the class and version
+    stamp, the head layout and ``extra``. Shared with :mod:`functional_mm.models.hf.flux`."""
     import diffusers  # only for the version stamp
 
-    d = {k: getattr(cfg, k) for k in _SAME}
+    d = {k: getattr(cfg, k) for k in same}
     d.update(
-        _class_name=CLASS_NAME,
+        _class_name=class_name,
         _diffusers_version=diffusers.__version__,
         num_attention_heads=cfg.num_heads,
         attention_head_dim=cfg.head_dim,
-        dual_attention_layers=list(cfg.dual_attention_layers),
+        **extra,
     )
     return d
 
@@ -221,9 +236,7 @@ def from_hf_state_dict(
 
 def to_hf_state_dict(params: dict[str, Any], cfg: mmdit.MMDiTConfig) -> dict[str, torch.Tensor]:
     """``{diffusers name: tensor}`` (CPU, contiguous) including the position table, checked against ``cfg``."""
-    shapes = {hf_name(p): tuple(x.shape) for p, x in pytree.flatten_with_paths(_shapes(cfg))[0]}
-    out = io.export_params(params, hf_name)
-    io.check_names({k: tuple(v.shape) for k, v in out.items()}, shapes, where="params")
+    out = export_checked(params, _shapes(cfg), hf_name)
     dtype = params["proj_out"]["weight"].dtype
     out[POS_EMBED] = _pos_table(cfg, dtype)
     return out
@@ -272,8 +285,29 @@ def save_pretrained(
 
         >>> save_pretrained(params, cfg, "out/transformer")   # doctest: +SKIP
     """
+    return write_pretrained(directory, to_hf_state_dict(params, cfg), config_to_hf(cfg), max_shard_bytes)
+
+
+def export_checked(params: dict[str, Any], shapes: dict[str, Any], name_fn) -> dict[str, torch.Tensor]:
+    """``{diffusers name: tensor}`` of ``params``, checked name by name and shape by shape against the
+    abstract tree ``shapes``. Shared with the Flux and VAE adapters."""
+    want = {name_fn(p): tuple(x.shape) for p, x in pytree.flatten_with_paths(shapes)[0]}
+    out = io.export_params(params, name_fn)
+    io.check_names({k: tuple(v.shape) for k, v in out.items()}, want, where="params")
+    return out
+
+
+def write_pretrained(
+    directory: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    max_shard_bytes: int = io.DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Write ``state_dict`` as ``diffusion_pytorch_model.safetensors`` (sharded above ``max_shard_bytes``) and
+    ``config`` as ``config.json``; returns the written file names. Shared with the Flux
+    and VAE adapters."""
     files = io.write_tensors(
-        directory, to_hf_state_dict(params, cfg), max_shard_bytes=max_shard_bytes, weights_name=WEIGHTS_NAME
+        directory, state_dict, max_shard_bytes=max_shard_bytes, weights_name=WEIGHTS_NAME
     )
-    io.write_config(directory, config_to_hf(cfg))
+    io.write_config(directory, config)
     return [*files, "config.json"]

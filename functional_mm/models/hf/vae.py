@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from functional_mm import pytree
 from functional_mm.models import vae
 from functional_mm.models.hf import io
+from functional_mm.models.hf import mmdit as hf_mmdit
 
 __all__ = [
     "WEIGHTS_NAME",
@@ -206,10 +206,7 @@ def from_hf_state_dict(
 
 def to_hf_state_dict(params: dict[str, Any], cfg: vae.AutoencoderKLConfig) -> dict[str, torch.Tensor]:
     """``{diffusers name: tensor}`` (CPU, contiguous), checked against ``cfg``."""
-    shapes = {hf_name(p): tuple(x.shape) for p, x in pytree.flatten_with_paths(_shapes(cfg))[0]}
-    out = io.export_params(params, hf_name)
-    io.check_names({k: tuple(v.shape) for k, v in out.items()}, shapes, where="params")
-    return out
+    return hf_mmdit.export_checked(params, _shapes(cfg), hf_name)
 
 
 def load_pretrained(
@@ -241,8 +238,6 @@ def save_pretrained(
 ) -> list[str]:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` that
     ``diffusers.AutoencoderKL.from_pretrained`` loads with no missing or unexpected keys."""
-    files = io.write_tensors(
-        directory, to_hf_state_dict(params, cfg), max_shard_bytes=max_shard_bytes, weights_name=WEIGHTS_NAME
+    return hf_mmdit.write_pretrained(
+        directory, to_hf_state_dict(params, cfg), config_to_hf(cfg), max_shard_bytes
     )
-    io.write_config(directory, config_to_hf(cfg))
-    return [*files, "config.json"]
