@@ -433,7 +433,7 @@ def check_layout(cfg: LlamaConfig, mesh: Any, rules: Sequence[tuple[str, Any]]) 
 
     Example::
 
-        >>> check_layout(LlamaConfig.variant("tiny", num_kv_heads=1), {"tp": 2}, default_rules())
+        >>> check_layout(LlamaConfig.variant("tiny", num_kv_heads=1), {"tp": 2}, default_rules())  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: Llama layout: num_kv_heads=1 is not divisible by the mesh axes ('tp',) of size 2 that split the 'kv_heads' dim ...
@@ -593,6 +593,11 @@ def apply(
     ctx = parallelism.current()
     if ctx is not None:
         check_layout(cfg, *ctx)
+    elif isinstance(params["embed"]["weight"], DTensor):
+        raise ValueError(
+            "llama.apply: the parameters are sharded (DTensors); call it inside "
+            "parallelism.use_mesh(mesh, rules) so activations get their layouts"
+        )
     # Masks and positions only shape the computation: they stay whole (gathered if sharded, small ints);
     # the tables built from them are split like the activations below.
     attention_mask, segment_ids, positions = (_whole(v) for v in (attention_mask, segment_ids, positions))
@@ -784,7 +789,8 @@ def loss(
         seg = whole["segment_ids"]
         valid = valid & (seg[:, 1:] == seg[:, :-1])  # never predict the next sample's first token
     targets = torch.where(valid, tokens[:, 1:], -100)
-    targets = constrain(F.pad(targets, (0, 1), value=-100), ("act_batch", "act_seq"))  # [B, T], split like logits
+    targets = F.pad(targets, (0, 1), value=-100)  # [B, T]
+    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
     # Vocab-parallel when the logits are split over the vocabulary: the full [B, T, V] is never gathered.
     ce_sum = parallelism.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), reduction="sum")
     return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())

@@ -37,6 +37,19 @@ gets gathered by DTensor's op propagation, but its gradient then stays ``Partial
 with an explicit ``w.redistribute(...)`` (differentiable) and the gradient comes back reduce-scattered in the
 weight's own layout (tests/test_parallelism_dist.py checks both).
 
+Training a model on a mesh (``functional_mm.models.llama`` is the worked example): ``shard`` the params with the
+model's rules (``llama.default_rules()``: FSDP, Megatron TP with sequence parallelism, DP, HSDP); inside the
+model, :func:`use_param` / :func:`use_params` bring each layer's weights to their compute layout (gathered over
+the data axes ``dp``/``fsdp``, still split over ``tp``; gradients come back reduce-scattered / all-reduced)
+and :func:`constrain` pins activations; :func:`cross_entropy` is vocab-parallel on logits split over the
+vocabulary; :func:`shard_batch` places a batch. Run the step inside ``use_mesh(mesh, rules)``. Optimizer
+state built from sharded params keeps their placements (DTensor foreach ops), so under FSDP no rank holds a
+full replica of params or optimizer state outside a layer's use. Within a step, autograd keeps each layer's
+gathered weights from its forward to its backward (FSDP2's ``reshard_after_forward=False``); with
+``remat_policy="full"`` or ``"selective"`` the gathers are redone in the backward instead, so one layer's full
+weights are alive at a time. CPU attention needs a DTensor rule that torch 2.13 lacks; importing this package
+registers it (``_ops.py``).
+
 Single-process tools: :func:`logical_to_spec` / :func:`logical_to_placements` and :func:`describe` accept an
 ordered ``{axis: size}`` dict in place of a mesh, to check rules and plan memory without launching anything.
 """

@@ -37,7 +37,9 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
 
     Always a ``redistribute`` (even when nothing moves), so the gradient arrives in ``w``'s own placements:
     reduce-scattered over ``fsdp``, all-reduced over ``dp``. (Used as is, a ``Shard`` weight would be gathered
-    by DTensor's op propagation and its gradient left ``Partial``; see the package docstring.)
+    by DTensor's op propagation and its gradient left ``Partial``; see the package docstring.) The collectives
+    are asynchronous in eager mode: the gathered weight and the gradient are waited for at their first use
+    (a gradient that is never used leaves torch's "wait_tensor() is not invoked" warning at exit).
 
     Example::
 
@@ -52,7 +54,9 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
     placements = tuple(
         Replicate() if name in gather else p for name, p in zip(names, w.placements, strict=True)
     )
-    return w.redistribute(mesh, placements)
+    # async: the all-gathers of a layer's weights are all in flight before the first one is waited for (at its
+    # first use), and the reduce-scatters of the gradients overlap the rest of the backward.
+    return w.redistribute(mesh, placements, async_op=True)
 
 
 def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:

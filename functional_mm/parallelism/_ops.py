@@ -34,7 +34,12 @@ def _shape(x):
 
 
 def _cpu_sdpa_forward(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    shardings = [([Replicate(), Replicate()], [Replicate()] * 3 + [None, None] + ([Replicate()] if attn_mask is not None else []))]
+    shardings = [
+        (
+            [Replicate(), Replicate()],
+            [Replicate()] * 3 + [None, None] + ([Replicate()] if attn_mask is not None else []),
+        )
+    ]
     for dim in (0, 1):  # batch, heads
         mask = [_mask_placement(attn_mask, dim, _shape(query))] if attn_mask is not None else []
         shardings.append(([Shard(dim), Shard(dim)], [Shard(dim)] * 3 + [None, None] + mask))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
 from functional_mm import optim, pytree, random
 from functional_mm.autodiff import value_and_grad
@@ -205,6 +206,8 @@ def _unalias(grads: PyTree) -> PyTree:
         if not isinstance(g, torch.Tensor):
             continue
         local = getattr(g, "_local_tensor", g)  # a DTensor's memory is its local shard
+        if isinstance(local, AsyncCollectiveTensor):  # a reduce-scatter still in flight (use_param)
+            local = local.wait()
         ptr = local.untyped_storage().data_ptr()
         if ptr in seen or torch._debug_has_internal_overlap(local) != 0:
             flat[i] = g = g.clone(memory_format=torch.contiguous_format)
