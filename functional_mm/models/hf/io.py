@@ -83,9 +83,13 @@ def write_config(
     directory: str | os.PathLike, config: Mapping[str, Any], filename: str = "config.json"
 ) -> None:
     Path(directory).mkdir(parents=True, exist_ok=True)
-    with open(Path(directory) / filename, "w") as f:
+    # Write-then-rename: every rank of a sharded export writes the same config, and a plain "w" open would
+    # let one rank truncate the file while another reads it.
+    tmp = Path(directory) / f".{filename}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(tmp, Path(directory) / filename)
 
 
 def _index_name(weights_name: str) -> str:
