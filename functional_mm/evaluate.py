@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory whose newest chec
 
 def evaluate(c, workdir: str) -> float:
     """Held-out loss of the newest checkpoint in ``workdir`` (or of ``config.mode.init_from`` without one)."""
-    run = loop.build(c)
+    run = loop.build(c, workdir)
     trainable = run.trainable
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir):

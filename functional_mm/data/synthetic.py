@@ -71,15 +71,21 @@ def _frame(h: int, w: int, shape: str, colour: str, cy: float, cx: float, backgr
     return np.asarray(img)
 
 
-def make_images(out_dir: str, num: int = 64, seed: int = 0) -> str:
-    """``num`` shape images under ``out_dir/images`` and ``out_dir/images.jsonl``; returns the manifest path."""
+def make_images(
+    out_dir: str, num: int = 64, seed: int = 0, sizes: tuple[tuple[int, int], ...] = IMAGE_SIZES
+) -> str:
+    """``num`` shape images under ``out_dir/images`` and ``out_dir/images.jsonl``; returns the manifest path.
+
+    ``sizes``: the ``(height, width)`` choices (one fixed size for a model with a fixed input). Each row has
+    ``caption`` ("a red circle at the top left"), ``label`` ("a red circle": the text-to-image prompt) and a
+    two-turn ``conversations``."""
     rng = np.random.default_rng([seed, 1])
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     rows = []
     for i in range(num):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         place = rng.choice(list(PLACES))
-        h, w = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+        h, w = sizes[rng.integers(len(sizes))]
         fy, fx = PLACES[place]
         pixels = _frame(h, w, shape, colour, fy * h, fx * w, int(rng.integers(200, 250)))
         rel = f"images/{i:05d}.png"
@@ -91,6 +97,7 @@ def make_images(out_dir: str, num: int = 64, seed: int = 0) -> str:
                 "width": int(w),
                 "height": int(h),
                 "caption": f"{_a(colour)} {shape} {where}",
+                "label": f"{_a(colour)} {shape}",
                 "conversations": [
                     {"role": "user", "content": f"<image>What colour is the {shape}?"},
                     {"role": "assistant", "content": str(colour)},

@@ -6,8 +6,11 @@ registry (``config.model.family``), the mesh from ``config.mesh.axes`` (empty: o
 initial weights from ``config.mode.init_from`` (a Hugging Face directory or one of our workdirs) or a fresh
 init, and ``config.mode.kind`` picks pretrain / finetune (optionally freezing ``config.mode.freeze``) / lora.
 
+What the batches hold and how the trained model is shown comes from the family's task
+(:mod:`functional_mm.train.tasks`: text windows, captioned images, prompted images).
+
 The loop (:func:`train`): resumes from the newest checkpoint in ``WORKDIR/checkpoints`` (train state with its
-PRNG key; the data order is a pure function of the step, so nothing else is needed for an exact resume),
+PRNG key and the data loader's position, so the resumed run sees exactly the batches it would have seen),
 logs metrics to ``metrics.jsonl`` and TensorBoard, evaluates every ``eval_every`` steps, saves every
 ``checkpoint.every_steps``, stops cleanly on SIGTERM/SIGINT (finish the step, save, exit 0), applies the NaN
 policy and writes ``report.png`` at the end.
@@ -16,6 +19,7 @@ policy and writes ``report.png`` at the end.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -28,10 +32,9 @@ from absl import logging
 from tqdm import tqdm
 
 from functional_mm import checkpoint, device, lora, nn, optim, parallelism, pytree, random
-from functional_mm.data import text
 from functional_mm.models import registry
 from functional_mm.train import metrics as metrics_lib
-from functional_mm.train import profiling, report
+from functional_mm.train import profiling, report, tasks
 from functional_mm.train.state import TrainState
 from functional_mm.train.step import make_train_step
 
@@ -89,8 +92,7 @@ class Run:
     trainable: Any  # what the optimizer updates: base params, or the LoRA adapters
     loss_fn: Any  # loss_fn(trainable, batch, key)
     params_of: Any  # trainable -> full params for apply / export
-    train_stream: torch.Tensor
-    eval_stream: torch.Tensor
+    task: tasks.Task
     rank: int
     world: int
 
@@ -143,8 +145,8 @@ def _restructure(target, restored):
     return pytree.map_with_path(lambda p, _: flat[p], target)
 
 
-def build(c) -> Run:
-    """Set up a run from config ``c`` (validated first)."""
+def build(c, workdir: str | None = None) -> Run:
+    """Set up a run from config ``c`` (validated first); generated data lands in ``workdir``."""
     validate(c)
     family = registry.get(c.model.family)
     model_cfg = family.make_config(c.model.variant, c.model.overrides.to_dict())
@@ -152,13 +154,9 @@ def build(c) -> Run:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
 
-    tok = text.ByteTokenizer()
-    if model_cfg.vocab_size < tok.vocab_size:
-        raise ValueError(
-            f"config.model.overrides.vocab_size={model_cfg.vocab_size} < tokenizer vocab {tok.vocab_size}"
-        )
-    train_stream = text.token_stream(text.synthetic_corpus(c.data.seed, c.data.train_docs), tok)
-    eval_stream = text.token_stream(text.synthetic_corpus(c.data.seed + 1, c.data.eval_docs), tok)
+    task = tasks.make(c, family, model_cfg, workdir)
+    if rank == 0:
+        print(memory_estimate(family, model_cfg, c, mesh))
 
     init_key, lora_key = random.split(random.fold_in(random.key(c.seed), 0))
     base = _initial_params(c, family, model_cfg, init_key)
@@ -168,7 +166,6 @@ def build(c) -> Run:
         base = parallelism.shard(base, axes, mesh, rules)
 
     remat = c.train.remat or None
-    loss = lambda p, batch: family.loss(p, model_cfg, batch, remat_policy=remat)
     if c.mode.kind == "lora":
         lcfg = lora.LoraConfig(
             rank=c.mode.lora.rank, alpha=c.mode.lora.alpha, targets=tuple(c.mode.lora.targets)
@@ -177,21 +174,27 @@ def build(c) -> Run:
         params_of = lambda adapters: lora.merge(base, adapters, lcfg)
     else:
         trainable, params_of = base, lambda p: p
-    loss_fn = lambda t, batch, key: loss(params_of(t), batch)
-    return Run(
-        c,
-        family,
-        model_cfg,
-        mesh,
-        rules,
-        base,
-        trainable,
-        loss_fn,
-        params_of,
-        train_stream,
-        eval_stream,
-        rank,
-        world,
+    loss_fn = lambda t, batch, key: family.loss(params_of(t), model_cfg, batch, key=key, remat_policy=remat)
+    return Run(c, family, model_cfg, mesh, rules, base, trainable, loss_fn, params_of, task, rank, world)
+
+
+def memory_estimate(family, model_cfg, c, mesh) -> str:
+    """Parameter count and per-rank bytes of params + grads + AdamW state, from the abstract init (meta
+    tensors: nothing allocated). Sharding is counted as an even split over every non-``dp`` mesh axis."""
+    shapes, _ = nn.abstract(family.init_boxed, random.key(0), model_cfg)
+    leaves = pytree.leaves(shapes)
+    count = sum(x.numel() for x in leaves)
+    param_bytes = sum(x.numel() * x.element_size() for x in leaves)
+    shards = 1
+    if mesh is not None:
+        shards = math.prod(n for name, n in zip(mesh.mesh_dim_names, mesh.mesh.shape) if name != "dp")
+    # grads in the param dtype; AdamW moments in float32 (4 bytes each per element)
+    per_rank = (2 * param_bytes + 8 * count) / shards
+    if c.mode.kind == "lora":
+        per_rank = param_bytes / shards  # adapters and their state are small next to the frozen base
+    return (
+        f"model: {count / 1e6:.2f}M parameters ({param_bytes / 2**30:.2f} GiB); params + grads + optimizer "
+        f"state ~{per_rank / 2**30:.2f} GiB per rank over {shards} shard(s), activations not included"
     )
 
 
@@ -221,8 +224,8 @@ def initial_state(run: Run) -> TrainState:
     return TrainState.create(run.trainable, tx, train_key, mixed_precision=c.train.mixed_precision or None)
 
 
-def _batch(run: Run, stream, key):
-    b = text.random_windows(key, stream, run.config.data.batch_size, run.config.data.seq_len)
+def _batch(run: Run, split: str, step: int):
+    b = run.task.batch(split, step)
     return parallelism.shard_batch(b, run.mesh, run.rules) if run.mesh is not None else b
 
 
@@ -234,7 +237,7 @@ def evaluate(run: Run, trainable, key) -> float:
     """Mean loss over ``config.train.eval_batches`` held-out batches."""
     with torch.no_grad():
         losses = [
-            _scalar(run.loss_fn(trainable, _batch(run, run.eval_stream, random.fold_in(key, i)), key))
+            _scalar(run.loss_fn(trainable, _batch(run, "eval", i), random.fold_in(key, i)))
             for i in range(run.config.train.eval_batches)
         ]
     return sum(losses) / len(losses)
@@ -265,7 +268,7 @@ class _StopFlag:
 
 def train(c, workdir: str) -> dict[str, float]:
     """Run the training described by config ``c`` in ``workdir``; returns the last logged metrics."""
-    run = build(c)
+    run = build(c, workdir)
     ctx = parallelism.use_mesh(run.mesh, run.rules) if run.mesh is not None else _nullcontext()
     with ctx:
         return _train(run, workdir)
@@ -282,7 +285,7 @@ class _nullcontext:
 def _train(run: Run, workdir: str) -> dict[str, float]:
     c = run.config
     is_main = run.rank == 0
-    _, data_key, eval_key, _ = random.split(random.key(c.seed), 4)
+    _, _, eval_key, _ = random.split(random.key(c.seed), 4)
     tx, lr = _optimizer(c, run.trainable)
     mixed_precision = c.train.mixed_precision or None
     state = initial_state(run)
@@ -299,15 +302,21 @@ def _train(run: Run, workdir: str) -> dict[str, float]:
     start = 0
     if mgr.latest_step() is not None:
         start = mgr.latest_step()
-        state = mgr.restore(start, targets={"state": state})["state"]
+        restored = mgr.restore(start, targets={"state": state, "data": None})
+        state = restored["state"]
+        run.task.restore(restored["data"])
         if is_main:
             print(f"resumed from step {start} ({os.path.join(workdir, 'checkpoints', str(start))})")
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start > 0)
     dev = device.default_device()
     peak = c.train.peak_tflops or metrics_lib.peak_tflops(metrics_lib.device_name(dev))
-    tokens_per_step = c.data.batch_size * c.data.seq_len
-    flops_per_step = run.family.flops_per_token(run.model_cfg, c.data.seq_len) * tokens_per_step
+    units = run.task.units_per_step
+    flops_per_step = (
+        run.family.flops_per_token(run.model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
+        if run.family.flops_per_token
+        else None
+    )
     window = (
         profiling.Window(c.profile.start_step, c.profile.num_steps, list(c.profile.ranks))
         if c.profile.start_step >= 0
@@ -329,7 +338,7 @@ def _train(run: Run, workdir: str) -> dict[str, float]:
         for step in bar:
             profiler.step_begin(step)
             t0 = time.perf_counter()
-            batch = _batch(run, run.train_stream, random.fold_in(data_key, step))
+            batch = _batch(run, "train", step)
             t1 = time.perf_counter()
             new_state, m = step_fn(state, batch)
             nonfinite = _scalar(m["nonfinite"]) > 0
@@ -355,24 +364,26 @@ def _train(run: Run, workdir: str) -> dict[str, float]:
                 step_s = elapsed / steps_in_window
                 last.update(
                     skipped_steps=skipped, step_time_s=step_s, data_wait_frac=data_time / elapsed,
-                    tokens_per_s=tokens_per_step / step_s, samples_per_s=c.data.batch_size / step_s,
+                    samples_per_s=c.data.batch_size / step_s,
                     peak_memory_gib=metrics_lib.peak_memory_bytes(dev) / 2**30,
                     compiled_graphs=metrics_lib.compiled_graph_count(),
                 )  # fmt: skip
-                u = metrics_lib.mfu(flops_per_step, step_s, run.world, peak)
+                last[f"{run.task.unit}_per_s"] = units / step_s
+                u = metrics_lib.mfu(flops_per_step, step_s, run.world, peak) if flops_per_step else None
                 if u is not None:
                     last["mfu"] = u
                 data_time = compute_time = 0.0
                 if step % c.train.eval_every == 0 or step == c.train.num_steps:
                     last["eval_loss"] = evaluate(run, state.params, eval_key)
                 writer.write(step, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{last['loss']:.3f}", per_s=f"{last[f'{run.task.unit}_per_s']:.0f}")
 
             stopping = stop.agreed()
             if mgr.should_save(step) or stopping or step == c.train.num_steps:
                 mgr.save(
-                    step, {"state": state}, metrics={"loss": last.get("loss")} if last else None, force=True
-                )
+                    step, {"state": state, "data": run.task.state()},
+                    metrics={"loss": last.get("loss")} if last else None, force=True,
+                )  # fmt: skip
             if stopping:
                 if is_main:
                     print(f"stopped by signal at step {step}; checkpoint saved")
@@ -380,20 +391,22 @@ def _train(run: Run, workdir: str) -> dict[str, float]:
     finally:
         bar.close()
         stop.restore()
+        run.task.close()
         mgr.close()  # waits for the last save: nothing is lost at exit
         writer.close()
+    finished = int(state.step) >= c.train.num_steps
+    params = run.params_of(state.params) if finished else None
+    if finished and run.mesh is not None:
+        params = parallelism.gather(params)  # a collective: every rank takes part
     if is_main:
         print(
             f"step {int(state.step)}: "
             + ", ".join(f"{k} {last[k]:.3f}" for k in ("loss", "eval_loss") if k in last)
         )
+        if finished and (shown := run.task.finish(params)):
+            last.update(shown)
+            final = metrics_lib.MetricWriter(workdir, append=True)
+            final.write(int(state.step), shown)
+            final.close()
         report.write_report(workdir)
-        if c.sample.prompt and run.mesh is None and run.family.generate is not None:
-            tok = text.ByteTokenizer()
-            prompt = torch.tensor([tok.encode(c.sample.prompt, bos=True)])
-            out = run.family.generate(
-                run.params_of(state.params), run.model_cfg, prompt, max_new_tokens=c.sample.max_new_tokens,
-                stop_tokens=(tok.eos,),
-            )  # fmt: skip
-            print(f"sample: {tok.decode(out[0])}")
     return last

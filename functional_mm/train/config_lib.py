@@ -1,0 +1,123 @@
+"""Helpers for the config files under ``configs/``: the ``:arg`` grammar and the sections every run shares.
+
+A config file's ``get_config(arg)`` receives what follows the colon in ``--config configs/x.py:ARG``::
+
+    >>> a = parse_arg("7b,mesh=fsdp8,runlocal", variant="tiny", mesh="", runlocal=False, steps=100)
+    >>> a.variant, a.mesh, a.runlocal, a.steps
+    ('7b', 'fsdp8', True, 100)
+    >>> mesh_axes("fsdp4tp2"), mesh_axes("dp2fsdp-1"), mesh_axes("")
+    ({'fsdp': 4, 'tp': 2}, {'dp': 2, 'fsdp': -1}, {})
+
+Grammar: comma-separated items; ``key=value`` sets a declared key (parsed as the default's type); a bare word
+names a declared boolean flag (set True) or, otherwise, the ``variant``. Unknown keys are errors listing the
+known ones.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ml_collections import ConfigDict
+
+_MESH_AXIS = re.compile(r"(dp|fsdp|tp|cp|pp)(-1|\d+)")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+    """``defaults`` updated from ``arg`` (see the module docstring)."""
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if isinstance(defaults.get(key), bool):
+                out[key] = True
+                continue
+            key, value = "variant", item
+        if key not in defaults:
+            raise ValueError(f"config arg {item!r}: unknown key {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config arg {key}={value!r}: expected true/false")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, (int, float)):
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"config arg {key}={value!r}: expected a {type(default).__name__}") from None
+        else:
+            out[key] = value
+    return ConfigDict(out)
+
+
+def mesh_axes(spec: str) -> dict[str, int]:
+    """``"fsdp4tp2"`` -> ``{"fsdp": 4, "tp": 2}`` (``-1``: the rest of the world); ``""`` -> ``{}``."""
+    if not spec:
+        return {}
+    parts = _MESH_AXIS.findall(spec)
+    if "".join(a + n for a, n in parts) != spec:
+        raise ValueError(f"mesh spec {spec!r}: expected axis names with sizes, e.g. 'fsdp8' or 'dp2fsdp4tp2'")
+    return {a: int(n) for a, n in parts}
+
+
+def base_config(
+    *, family: str, variant: str, overrides: dict | None = None, data: dict | None = None, **sections: dict
+) -> ConfigDict:
+    """The sections every run has, with the defaults of a small CPU run; ``data`` and ``sections``
+    (``optim=``, ``train=``, ``mode=``, ``checkpoint=``, ``profile=``, ``sample=``, ``mesh=``) update them.
+
+    - ``model``: ``family`` (see :mod:`functional_mm.models.registry`), ``variant`` and field ``overrides``;
+    - ``data``: the embedded text corpus (``train_docs`` / ``eval_docs``) or images (``path``, empty: generate
+      into the workdir; ``image_size``, ``train_images`` / ``eval_images``), ``seq_len``, ``batch_size``;
+    - ``optim``: AdamW with warmup + cosine decay (``decay_steps`` 0: over ``train.num_steps``), global-norm
+      clipping, ``decay_mask`` (a regex of the parameters that get weight decay);
+    - ``mesh``: ``axes`` (empty: one process, or FSDP over all when several) and ``rules`` (empty: the family's);
+    - ``train``: steps, logging / eval cadence, ``compile``, ``mixed_precision`` ("" | "bf16" | "fp16"),
+      ``grad_accum_steps``, ``remat`` ("" | "full" | "selective"), ``nan_policy`` ("skip" | "stop"),
+      ``peak_tflops`` (0: look the device up);
+    - ``mode``: ``kind`` pretrain | finetune | lora, ``init_from`` (a HF directory or one of our workdirs),
+      ``freeze`` (a regex of parameters trained with no update and no optimizer state), ``lora`` settings;
+    - ``checkpoint``, ``profile`` (a static window; dynamic: see :mod:`functional_mm.train.profiling`),
+      ``sample`` (what the run shows at the end).
+    """
+    c = ConfigDict()
+    c.seed = 0
+    c.model = ConfigDict(dict(family=family, variant=variant, overrides=ConfigDict(overrides or {})))
+    c.data = ConfigDict(
+        dict(
+            seed=0, train_docs=4000, eval_docs=200, path="", image_size=32, train_images=2048,
+            eval_images=128, num_workers=0, seq_len=128, batch_size=16,
+        )
+    )  # fmt: skip
+    c.optim = ConfigDict(
+        dict(
+            lr=3e-3, end_lr_fraction=0.1, warmup_steps=30, decay_steps=0, b1=0.9, b2=0.95, weight_decay=0.1,
+            clip_norm=1.0, decay_mask=r"^(?!.*norm).*$",
+        )
+    )  # fmt: skip
+    c.mesh = ConfigDict(dict(axes={}, rules=[]))
+    c.train = ConfigDict(
+        dict(
+            num_steps=600, log_every=10, eval_every=200, eval_batches=8, compile=True, mixed_precision="",
+            grad_accum_steps=1, remat="", nan_policy="skip", peak_tflops=0.0,
+        )
+    )  # fmt: skip
+    c.mode = ConfigDict(
+        dict(
+            kind="pretrain", init_from="", freeze="",
+            lora=ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=[r"attn/(q|v)/weight$"])),
+        )
+    )  # fmt: skip
+    c.checkpoint = ConfigDict(dict(every_steps=200, max_to_keep=2, async_save=True))
+    c.profile = ConfigDict(dict(start_step=-1, num_steps=2, ranks=[0]))
+    c.sample = ConfigDict(
+        dict(
+            prompt="", max_new_tokens=48, num_images=32, prompts=[], num_steps=20, guidance_scale=1.0, seed=0
+        )
+    )  # fmt: skip
+    c.data.update(data or {})
+    for name, values in sections.items():
+        if name not in c:
+            raise ValueError(f"base_config: unknown section {name!r}")
+        c[name].update(values)
+    return c
