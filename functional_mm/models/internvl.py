@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -338,10 +338,16 @@ def generate(
     *,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
-    """Greedy generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]`` (see :func:`llava.generate`)."""
+    """Generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]``; greedy by default, sampling and streaming
+    as in :func:`llava.generate`."""
     return generate_with(
         embed_inputs,
         params,
@@ -350,6 +356,11 @@ def generate(
         pixel_values,
         max_new_tokens=max_new_tokens,
         attention_mask=attention_mask,
+        key=key,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         stop_tokens=stop_tokens,
         pad_token=pad_token,
+        on_token=on_token,
     )

@@ -32,7 +32,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,6 +58,8 @@ __all__ = [
     "flops_per_token",
     "init_cache",
     "generate",
+    "decode_loop",
+    "check_sampling",
 ]
 
 DTYPES = {
@@ -854,6 +856,76 @@ def _select(
     return (logits - torch.log(-torch.log(u))).argmax(-1)
 
 
+def check_sampling(
+    max_new_tokens: Any,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
+) -> None:
+    """Check the decoding arguments of ``generate`` (llama and the VLMs); raises ``ValueError`` naming the bad one."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if temperature > 0 and key is None:
+        raise ValueError(
+            "generate: sampling (temperature > 0) needs an explicit PRNG key (key=random.key(seed))"
+        )
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
+    if on_token is not None and not callable(on_token):
+        raise ValueError(f"generate: on_token must be a callable or None, got {on_token!r}")
+
+
+def decode_loop(
+    step: Callable[[torch.Tensor], torch.Tensor],
+    first_logits: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
+) -> torch.Tensor:
+    """The decoding loop shared by :func:`generate` and the VLMs' ``generate``: returns the new tokens ``[B, n]``
+    (int64), ``n <= max_new_tokens``.
+
+    ``first_logits: [B, T, V]`` are the prefill logits (only the last position is read) and
+    ``step(next_tokens: LongTensor[B, 1]) -> logits [B, 1, V]`` runs one cached decoding step. Each token is
+    chosen by :func:`_select` (``temperature=0``: argmax, bit-identical to greedy decoding; otherwise a sample
+    after optional ``top_k`` / ``top_p`` filtering, with key ``random.fold_in(key, step)``). A row that emits a
+    token of ``stop_tokens`` is finished: its later tokens are ``pad_token``; the loop ends once every row is
+    finished (HF ``generate`` semantics). ``on_token(new_tokens: LongTensor[B])`` is called once per step, as soon
+    as the step's tokens are chosen and before the next forward pass (finished rows get ``pad_token``), so the
+    concatenation of its arguments along dim 1 is the returned tensor.
+    """
+    check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)
+    b = first_logits.shape[0]
+    device = first_logits.device
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    logits, out = first_logits, []
+    for i in range(max_new_tokens):
+        step_key = random.fold_in(key, i) if temperature > 0 else None
+        nxt = _select(logits[:, -1], step_key, temperature, top_k, top_p).long()  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt)
+        out.append(nxt[:, None])
+        if on_token is not None:
+            on_token(nxt)
+        done = done | torch.isin(nxt, stop)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = step(nxt[:, None])
+    return torch.cat(out, dim=1)
+
+
 def generate(
     params: dict[str, Any],
     cfg: LlamaConfig,
@@ -867,6 +939,7 @@ def generate(
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
     """Autoregressive generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``.
 
@@ -874,6 +947,8 @@ def generate(
     sampled (after optional ``top_k`` / ``top_p`` filtering) with keys ``random.fold_in(key, step)``, so the same
     key gives the same text. A row that emits a token of ``stop_tokens`` is finished: its later tokens are
     ``pad_token``; generation ends early once every row is finished (HF ``generate`` semantics).
+    ``on_token(new_tokens: LongTensor[B])`` is called once per step as soon as its tokens are chosen (streaming);
+    see :func:`decode_loop`.
 
     Example::
 
@@ -886,39 +961,34 @@ def generate(
         torch.Size([2, 7])
     """
     _check_int_bt(prompt_tokens, "prompt_tokens")
+    check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)
     b, t = prompt_tokens.shape
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if t + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"generate: prompt length {t} + max_new_tokens {max_new_tokens} exceeds max_seq_len={cfg.max_seq_len}"
         )
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if temperature > 0 and key is None:
-        raise ValueError(
-            "generate: sampling (temperature > 0) needs an explicit PRNG key (key=random.key(seed))"
-        )
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"generate: top_k must be an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
 
     weight = params["embed"]["weight"]
     device = prompt_tokens.device
-    stop = torch.tensor(list(stop_tokens), dtype=prompt_tokens.dtype, device=device)
-    out = [prompt_tokens]
     with torch.no_grad():
         cache = init_cache(cfg, b, t + max_new_tokens, dtype=weight.dtype, device=device)
         logits, cache = decode(params, cfg, prompt_tokens, cache, attention_mask=attention_mask)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            step_key = random.fold_in(key, step) if temperature > 0 else None
-            nxt = _select(logits[:, -1], step_key, temperature, top_k, top_p)  # [B]
-            nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt).to(prompt_tokens.dtype)
-            out.append(nxt[:, None])
-            done = done | torch.isin(nxt, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            logits, cache = decode(params, cfg, nxt[:, None], cache)
-    return torch.cat(out, dim=1)
+        state = {"cache": cache}
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            out, state["cache"] = decode(params, cfg, nxt.to(prompt_tokens.dtype), state["cache"])
+            return out
+
+        new = decode_loop(
+            step,
+            logits,
+            max_new_tokens=max_new_tokens,
+            key=key,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            pad_token=pad_token,
+            on_token=on_token,
+        )
+    return torch.cat([prompt_tokens, new.to(prompt_tokens.dtype)], dim=1)

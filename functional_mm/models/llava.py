@@ -184,29 +184,6 @@ def next_token_loss(
     return ce_sum / valid.sum().clamp(min=1).to(ce_sum.dtype)
 
 
-def greedy_loop(
-    step, first_logits: torch.Tensor, max_new_tokens: int, stop_tokens: Sequence[int], pad_token: int
-):
-    """Greedy decoding around ``step(next_tokens [B, 1]) -> logits [B, 1, V]``: returns the new tokens ``[B, n]``.
-
-    A row that emits a stop token is finished: its later tokens are ``pad_token``; the loop ends once every row
-    is finished (HF ``generate`` semantics)."""
-    b = first_logits.shape[0]
-    device = first_logits.device
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    logits, out = first_logits, []
-    for i in range(max_new_tokens):
-        nxt = logits[:, -1].float().argmax(-1)  # [B]
-        nxt = torch.where(done, torch.full_like(nxt, pad_token), nxt)
-        out.append(nxt[:, None])
-        done = done | torch.isin(nxt, stop)
-        if i == max_new_tokens - 1 or bool(done.all()):
-            break
-        logits = step(nxt[:, None])
-    return torch.cat(out, dim=1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
@@ -508,12 +485,20 @@ def generate(
     *,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
-    """Greedy generation with a fixed-size KV cache (:func:`functional_mm.models.llama.decode`):
+    """Generation with a fixed-size KV cache (:func:`functional_mm.models.llama.decode`):
     ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``. ``attention_mask`` marks left padding; rows that emit a
-    ``stop_tokens`` id are finished and padded with ``pad_token``. Equal to HF ``generate(do_sample=False)``.
+    ``stop_tokens`` id are finished and padded with ``pad_token``. ``temperature=0`` (the default) is greedy and
+    equal to HF ``generate(do_sample=False)``; otherwise tokens are sampled after optional ``top_k`` / ``top_p``
+    filtering with keys ``random.fold_in(key, step)``. ``on_token(new_tokens: LongTensor[B])`` streams each step's
+    tokens (:func:`functional_mm.models.llama.decode_loop`).
     """
     return generate_with(
         embed_inputs,
@@ -523,8 +508,13 @@ def generate(
         pixel_values,
         max_new_tokens=max_new_tokens,
         attention_mask=attention_mask,
+        key=key,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         stop_tokens=stop_tokens,
         pad_token=pad_token,
+        on_token=on_token,
     )
 
 
@@ -537,11 +527,17 @@ def generate_with(
     *,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
-    """Greedy generation from ``embed_fn(params, cfg, tokens, pixel_values)`` with the decoder
-    ``params["text"]`` (:func:`generate_from_embeds`). Shared by the LLaVA-style VLMs' ``generate``."""
+    """Generation from ``embed_fn(params, cfg, tokens, pixel_values)`` with the decoder ``params["text"]``
+    (:func:`generate_from_embeds`). Shared by the LLaVA-style VLMs' ``generate``."""
+    llama.check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)  # before the vision tower
     with torch.no_grad():
         x = embed_fn(params, cfg, tokens, pixel_values)
     return generate_from_embeds(
@@ -551,8 +547,13 @@ def generate_with(
         x,
         max_new_tokens=max_new_tokens,
         attention_mask=attention_mask,
+        key=key,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         stop_tokens=stop_tokens,
         pad_token=pad_token,
+        on_token=on_token,
     )
 
 
@@ -564,13 +565,18 @@ def generate_from_embeds(
     *,
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
-    """Greedy decoding of a Llama/Qwen2 decoder from a prompt given as embeddings (``inputs_embeds: [B, T, D]``,
-    ``tokens: [B, T]`` its ids): ``-> [B, T + n]``. Shared by the LLaVA-style VLMs."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    """Decoding of a Llama/Qwen2 decoder from a prompt given as embeddings (``inputs_embeds: [B, T, D]``,
+    ``tokens: [B, T]`` its ids): ``-> [B, T + n]``; the decoding arguments are those of :func:`generate`.
+    Shared by the LLaVA-style VLMs."""
+    llama.check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)
     b, t = tokens.shape
     with torch.no_grad():
         cache = llama.init_cache(
@@ -585,5 +591,16 @@ def generate_from_embeds(
             out, state["cache"] = llama.decode(text_params, text_cfg, nxt.to(tokens.dtype), state["cache"])
             return out
 
-        new = greedy_loop(step, logits, max_new_tokens, stop_tokens, pad_token)
+        new = llama.decode_loop(
+            step,
+            logits,
+            max_new_tokens=max_new_tokens,
+            key=key,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            pad_token=pad_token,
+            on_token=on_token,
+        )
     return torch.cat([tokens, new.to(tokens.dtype)], dim=1)

@@ -38,26 +38,25 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-from functional_mm import autodiff, nn, pytree, random
+from functional_mm import autodiff, nn, parallelism, pytree, random
 from functional_mm.models import llama, vit
 from functional_mm.models.llava import (
-    batch_loss,
     check_sub,
     check_token_id,
     check_tokens,
-    greedy_loop,
-    merge_embeddings,
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
 )
 from functional_mm.models.vit import check_number, check_positive_int
+from functional_mm.parallelism import constrain
 
 __all__ = [
     "Qwen2VLVisionConfig",
@@ -386,8 +385,20 @@ def vision_positions(grid_thw, spatial_merge_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+# The tower packs every image of the batch into one sequence [1, N, D] (attention kept per frame by a mask), so
+# its dim 0 is not a batch of examples: it stays whole on every rank (the data-parallel ranks each run the tower
+# on all the batch's images) and only tensor parallelism splits the work (heads / MLP, and the patches of the
+# residual stream under sequence parallelism).
+_V_RESIDUAL, _V_BLOCK_IN = vit.activation_names(None)
+
+
+def _whole(x: Any) -> Any:
+    """A DTensor's full value as a plain tensor; anything else unchanged."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
 def _vision_block(p, x, spec, cos_sin, mask):
-    return vit.block(p, x, spec, cos_sin=cos_sin, mask=mask)
+    return vit.block(p, x, spec, cos_sin=cos_sin, mask=mask, batch=None)
 
 
 def vision_apply(
@@ -400,7 +411,12 @@ def vision_apply(
 ) -> torch.Tensor:
     """``pixel_values: [N, patch_dim]`` of the images/videos in ``grid_thw: [n, 3]`` -> merged tokens
     ``[N / merge**2, out_dim]``. Attention stays within each frame of each image (transformers' ``cu_seqlens``);
-    ``remat_policy`` checkpoints each block (:func:`functional_mm.autodiff.remat`)."""
+    ``remat_policy`` checkpoints each block (:func:`functional_mm.autodiff.remat`).
+
+    On a mesh the patches of all images form one sequence that is whole on every data-parallel rank (sharded
+    ``pixel_values`` / ``grid_thw`` are gathered first); ``tp`` splits the heads and the MLP (and the patches of
+    the residual stream under sequence parallelism). The merged tokens come back replicated."""
+    pixel_values, grid_thw = _whole(pixel_values), _whole(grid_thw)
     grids = _grids(grid_thw, "grid_thw")
     n = sum(t * h * w for t, h, w in grids)
     if pixel_values.dim() != 2 or pixel_values.shape != (n, cfg.patch_dim):
@@ -408,12 +424,19 @@ def vision_apply(
             f"pixel_values must be [sum(t*h*w)={n}, patch_dim={cfg.patch_dim}] for grid_thw {grids}, "
             f"got {list(pixel_values.shape)}"
         )
-    w = params["patch_embed"]["weight"]
+    ctx = parallelism.current()
+    if ctx is not None:
+        vit.check_layout(cfg, *ctx, what="Qwen2-VL vision")
+    w = parallelism.use_param(params["patch_embed"]["weight"])  # gathered over the data axes at use
     # The 3-D conv with kernel = stride = patch is a matmul over the flattened (C, T, P, P) patch.
-    x = F.linear(pixel_values.to(w.dtype), w.reshape(w.shape[0], -1))[None]  # [1, N, D]
+    px = constrain(pixel_values.to(w.dtype), ("act_seq", None))
+    x = constrain(F.linear(px, w.reshape(w.shape[0], -1))[None], _V_RESIDUAL)  # [1, N, D]
     pos = vision_positions(grids, cfg.spatial_merge_size).to(x.device)
     inv = nn.rope.frequencies(cfg.head_dim // 2, cfg.rope_theta)
-    cos_sin = nn.rope.cos_sin_axial(pos[None], inv, x.dtype)  # [1, N, Dh] each
+    # [1, N, Dh] each; whole along the patches, like the attention's input
+    cos_sin = tuple(
+        constrain(c, (None, "act_seq", None)) for c in nn.rope.cos_sin_axial(pos[None], inv, x.dtype)
+    )
     mask = None
     lengths = [h * w for t, h, w in grids for _ in range(t)]
     if len(lengths) > 1:  # one segment per frame; a full [N, N] mask is the price of a single sdpa call
@@ -421,12 +444,16 @@ def vision_apply(
             torch.arange(len(lengths), device=x.device), torch.tensor(lengths, device=x.device)
         )
         mask = (seg[:, None] == seg[None, :])[None, None]  # [1, 1, N, N]
+        mask = constrain(mask, (None, None, "act_seq", None))
     block = autodiff.remat(_vision_block, remat_policy)
     for p in params["layers"]:
         x = block(p, x, cfg.block_spec, cos_sin, mask)
-    m = params["merger"]
-    x = nn.norms.layer_norm(m["norm"], x[0], cfg.norm_eps).reshape(-1, cfg.merge_dim)  # [N / m^2, m^2 D]
-    return nn.linear.apply(m["fc2"], F.gelu(nn.linear.apply(m["fc1"], x)))
+    m = parallelism.use_params(params["merger"])
+    # The merger groups m x m neighbouring patches: it needs them all (gathered along the patches under tp).
+    x = constrain(x, _V_BLOCK_IN)[0]
+    x = nn.norms.layer_norm(m["norm"], x, cfg.norm_eps).reshape(-1, cfg.merge_dim)  # [N / m^2, m^2 D]
+    x = nn.linear.apply(m["fc2"], F.gelu(nn.linear.apply(m["fc1"], x)))  # column- then row-parallel
+    return constrain(x, _V_BLOCK_IN[1:])  # replicated: every rank's rows pick their images' tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,10 +562,6 @@ def _block(p, x, cfg: llama.LlamaConfig, cos_sin, mask, is_causal, cache=None, c
     return x + nn.mlp.gated(p["mlp"], nn.norms.rms_norm(p["mlp_norm"], x, cfg.norm_eps)), new_cache
 
 
-def _block_no_cache(p, x, cfg, cos_sin, mask, is_causal):
-    return _block(p, x, cfg, cos_sin, mask, is_causal)[0]
-
-
 def _head(params, cfg: llama.LlamaConfig, x: torch.Tensor) -> torch.Tensor:
     x = nn.norms.rms_norm(params["final_norm"], x, cfg.norm_eps)
     if cfg.tie_embeddings:
@@ -565,19 +588,49 @@ def embed_inputs(
     video_grid_thw=None,
     remat_policy: Any = None,
 ) -> torch.Tensor:
-    """Token embeddings with image and video features written over their placeholders: ``[B, T, D]``."""
+    """Token embeddings with image and video features written over their placeholders: ``[B, T, D]``.
+
+    On a mesh the result is laid out like the decoder's residual stream (rows over the data axes, the sequence
+    over ``tp`` under sequence parallelism; the embedding is vocab-parallel) and each rank writes the features
+    of its own positions."""
     check_tokens(tokens)
-    x = F.embedding(tokens, params["text"]["embed"]["weight"])
+    whole = _whole(tokens)  # the placeholder positions are read on the host: the ids stay whole
+    # F.embedding (not table[ids]): DTensor splits it over a vocab-parallel table (masked lookup + sum).
+    x = F.embedding(
+        constrain(whole, ("act_batch", "act_seq")), parallelism.use_param(params["text"]["embed"]["weight"])
+    )
+    x = constrain(x, llama._RESIDUAL)  # [B, T, D]
     for token_id, px, grid, what in (
         (cfg.image_token_id, pixel_values, image_grid_thw, "image"),
         (cfg.video_token_id, pixel_values_videos, video_grid_thw, "video"),
     ):
         feats = _features(params, cfg, px, grid, what, remat_policy)
         if feats is not None:
-            x = merge_embeddings(x, tokens, token_id, feats, what)
-        elif bool((tokens == token_id).any()):
+            x = _merge(x, whole, token_id, feats, what)
+        elif bool((whole == token_id).any()):
             raise ValueError(f"tokens hold {what} placeholders but no {what} pixel values were given")
     return x
+
+
+def _merge(x: torch.Tensor, tokens: torch.Tensor, token_id: int, features: torch.Tensor, what: str):
+    """Write ``features: [n, D]`` (in order) over the positions of ``x: [B, T, D]`` where ``tokens == token_id``
+    (``tokens`` whole). Values and gradients equal ``llava.merge_embeddings`` (``masked_scatter``), but as a
+    gather: each position picks its row by index (the running count of placeholders before it), so on a mesh
+    every rank fills its own slice of ``x`` from the replicated features, without a collective."""
+    slots = tokens == token_id  # [B, T]
+    features = features.reshape(-1, x.shape[-1]).to(x.dtype)
+    # The count check syncs with the host, which a compiled step must not do; eager calls keep it.
+    if not torch.compiler.is_compiling() and (n := int(slots.sum())) != features.shape[0]:
+        raise ValueError(
+            f"the prompt has {n} {what} placeholder tokens (id {token_id}) but there are {features.shape[0]} "
+            f"{what} feature vectors; expand each placeholder to the {what}'s token count first"
+        )
+    if features.shape[0] == 0:
+        return x
+    index = (slots.flatten().long().cumsum(0) - 1).clamp(min=0).view_as(slots)  # [B, T] feature row per slot
+    names = llama._RESIDUAL[:2]  # split like x's rows and positions
+    picked = F.embedding(constrain(index, names), features)  # [B, T, D]
+    return torch.where(constrain(slots, names)[..., None], picked, x)
 
 
 def _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw):
@@ -614,7 +667,24 @@ def apply(
 ) -> torch.Tensor:
     """Logits ``[B, T, V]``. ``positions`` default to :func:`rope_index` (pass ``[3, B, T]`` to override);
     ``attention_mask: [B, T]`` hides padding keys (left or right); ``remat_policy`` (see
-    :func:`functional_mm.autodiff.remat`) checkpoints each decoder and vision block."""
+    :func:`functional_mm.autodiff.remat`) checkpoints each decoder and vision block.
+
+    On a mesh (inside :func:`functional_mm.parallelism.use_mesh`, params placed with :func:`default_rules`)
+    the decoder runs like :func:`functional_mm.models.llama.apply` (FSDP, Megatron TP with sequence
+    parallelism, vocab-parallel logits) and the vision tower as :func:`vision_apply` says. The batch may be
+    plain (the global batch, identical on every rank) or placed by ``shard_batch``: the inputs that only
+    shape the computation (ids, masks, positions, grids, pixels) are read whole."""
+    ctx = parallelism.current()
+    if ctx is not None:
+        llama.check_layout(cfg.text, *ctx)
+    elif isinstance(params["text"]["embed"]["weight"], DTensor):
+        raise ValueError(
+            "qwen2_vl.apply: the parameters are sharded (DTensors); call it inside "
+            "parallelism.use_mesh(mesh, rules) so activations get their layouts"
+        )
+    tokens, attention_mask, positions, image_grid_thw, video_grid_thw = (
+        _whole(v) for v in (tokens, attention_mask, positions, image_grid_thw, video_grid_thw)
+    )
     x = embed_inputs(
         params,
         cfg,
@@ -631,11 +701,14 @@ def apply(
     if attention_mask is not None:
         slots = torch.arange(t, device=x.device).expand(b, t)
         mask, is_causal = nn.attention.make_mask(slots, slots, kv_valid=attention_mask != 0), False
-    cos_sin = _mrope(cfg, positions, x.dtype)
-    block = autodiff.remat(_block_no_cache, remat_policy)
+        mask = constrain(mask, ("act_batch", None, "act_seq", None))
+    cos_sin = tuple(constrain(c, ("act_batch", "act_seq", None)) for c in _mrope(cfg, positions, x.dtype))
+    # llama's block and head: Qwen2's (qkv_bias is in the weights), with the weights gathered at use and the
+    # activations pinned (no-ops without a mesh).
+    block = autodiff.remat(llama._block_no_cache, remat_policy)
     for p in params["text"]["layers"]:
         x = block(p, x, cfg.text, cos_sin, mask, is_causal)
-    return _head(params["text"], cfg.text, x)
+    return llama._head(params["text"], cfg.text, x)
 
 
 _BATCH_KEYS = (
@@ -656,16 +729,34 @@ def loss(
     """Mean next-token cross entropy over the text targets (vision placeholders are never targets).
 
     ``batch``: ``tokens`` and optionally the image/video inputs of :func:`apply`, ``loss_mask``,
-    ``attention_mask`` and ``positions``."""
-    return batch_loss(
-        apply,
-        params,
-        cfg,
-        batch,
-        _BATCH_KEYS,
-        (cfg.image_token_id, cfg.video_token_id),
-        remat_policy=remat_policy,
-    )
+    ``attention_mask`` and ``positions``. Token ``t+1`` is a target when its loss mask is set, both it and
+    token ``t`` are real (``attention_mask``) and it is not a placeholder (``llava.next_token_loss``'s rule).
+    On a mesh the cross entropy is vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`): the
+    ``[B, T, V]`` logits are never gathered."""
+    unknown = sorted(set(batch) - set(_BATCH_KEYS))
+    if unknown or "tokens" not in batch:
+        raise ValueError(
+            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
+        )
+    # Every input is read whole (gathered once here if shard_batch placed it): apply slices what it splits.
+    whole = {k: _whole(v) for k, v in batch.items()}
+    kw = {k: whole.get(k) for k in _BATCH_KEYS[1:] if k != "loss_mask"}
+    logits = apply(params, cfg, whole["tokens"], remat_policy=remat_policy, **kw)  # [B, T, V]
+    tokens, loss_mask, attention_mask = (whole.get(k) for k in ("tokens", "loss_mask", "attention_mask"))
+    b, t = tokens.shape
+    valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
+    if loss_mask is not None:
+        valid = valid & (loss_mask[:, 1:] != 0)
+    if attention_mask is not None:
+        real = attention_mask != 0
+        valid = valid & real[:, 1:] & real[:, :-1]
+    for i in (cfg.image_token_id, cfg.video_token_id):
+        valid = valid & (tokens[:, 1:] != i)
+    # -100 where a position is not a target; scoring all T positions avoids copying the logits.
+    targets = F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
+    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
+    ce_sum = parallelism.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), reduction="sum")
+    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -721,16 +812,22 @@ def generate(
     pixel_values_videos: torch.Tensor | None = None,
     video_grid_thw=None,
     attention_mask: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
     pad_token: int = 0,
+    on_token: Callable[[torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
-    """Greedy generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``.
+    """Generation with a fixed-size KV cache: ``[B, T] -> [B, T + n]``, ``n <= max_new_tokens``.
 
     The prompt is prefilled at its :func:`rope_index` positions; each generated token then takes the next id
-    (``max prompt id + 1 + step``) on all three axes, as HF ``generate`` does.
+    (``max prompt id + 1 + step``) on all three axes, as HF ``generate`` does. ``temperature=0`` is greedy;
+    sampling (``key``, ``temperature``, ``top_k``, ``top_p``), ``stop_tokens`` / ``pad_token`` and the
+    streaming callback ``on_token`` are those of :func:`functional_mm.models.llava.generate`.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    llama.check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)
     b, t = tokens.shape
     with torch.no_grad():
         x = embed_inputs(
@@ -765,5 +862,16 @@ def generate(
             state["next"] = state["next"] + 1
             return out
 
-        new = greedy_loop(step, logits, max_new_tokens, stop_tokens, pad_token)
+        new = llama.decode_loop(
+            step,
+            logits,
+            max_new_tokens=max_new_tokens,
+            key=key,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_tokens=stop_tokens,
+            pad_token=pad_token,
+            on_token=on_token,
+        )
     return torch.cat([tokens, new.to(tokens.dtype)], dim=1)

@@ -53,7 +53,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functional_mm import autodiff, nn, pytree, random
+from functional_mm import autodiff, nn, parallelism, pytree, random
+from functional_mm.parallelism import constrain
 
 __all__ = [
     "ViTConfig",
@@ -66,6 +67,8 @@ __all__ = [
     "abstract",
     "logical_axes",
     "default_rules",
+    "check_layout",
+    "activation_names",
     "embed",
     "hidden_states",
     "apply",
@@ -318,6 +321,25 @@ class BlockSpec(NamedTuple):
     norm_eps: float
 
 
+def activation_names(
+    batch: str | None = "act_batch",
+) -> tuple[tuple[str | None, ...], tuple[str | None, ...]]:
+    """Logical names of a tower's ``[B, T, D]`` activations: ``(residual, block_in)``.
+
+    As in the Llama decoder, the residual stream between blocks (and the norms) may be split along the
+    sequence (``act_norm_seq``: over ``tp`` with sequence parallelism), while attention and the MLP take the
+    whole sequence (``act_seq``) and split heads / hidden units instead. ``batch`` names dim 0: ``act_batch``
+    (split over the data axes) for a batch of images, ``None`` (whole on every rank) for a packed sequence
+    whose dim 0 is not a batch of examples (the Qwen2-VL tower packs all images into one row).
+
+    Example::
+
+        >>> activation_names(None)
+        ((None, 'act_norm_seq', 'act_embed'), (None, 'act_seq', 'act_embed'))
+    """
+    return (batch, "act_norm_seq", "act_embed"), (batch, "act_seq", "act_embed")
+
+
 def _init_norm(norm: str, dim: int, dtype, axes=("norm",)):
     if norm == "rms":
         return nn.norms.init_rms_norm(dim, axes=axes, dtype=dtype)
@@ -382,13 +404,34 @@ def _attention(p, x: torch.Tensor, spec: BlockSpec, cos_sin=None, mask=None) -> 
     return nn.linear.apply(p["o"], out.transpose(1, 2).reshape(b, t, -1))
 
 
-def block(p, x: torch.Tensor, spec: BlockSpec, *, cos_sin=None, mask=None) -> torch.Tensor:
+def block(
+    p, x: torch.Tensor, spec: BlockSpec, *, cos_sin=None, mask=None, batch: str | None = "act_batch"
+) -> torch.Tensor:
     """One pre-norm block ``x: [B, T, D] -> [B, T, D]``. Layer scale and q/k-norm apply when their weights are
     present; ``cos_sin`` (``[B, T, Dh]`` each) adds rotary embeddings, ``mask`` (bool ``[B, 1, T, T]``) limits
-    attention (Qwen2-VL keeps each image to itself)."""
-    h = _attention(p["attn"], _norm(spec.norm, p["attn_norm"], x, spec.norm_eps), spec, cos_sin, mask)
+    attention (Qwen2-VL keeps each image to itself).
+
+    On a mesh (:func:`functional_mm.parallelism.use_mesh`) the weights are gathered over the data axes at use
+    and the activations pinned to :func:`activation_names` (``batch`` names dim 0): Megatron column/row
+    parallel attention and MLP, the residual stream split along the sequence under sequence parallelism.
+    ``cos_sin`` and ``mask`` must then be placed too (whole along the sequence). Without a mesh both are
+    no-ops."""
+    residual, block_in = activation_names(batch)
+    p = parallelism.use_params(p)  # this block's weights, gathered over the data axes (no-op unsharded)
+    x = constrain(x, residual)
+    h = _attention(
+        p["attn"],
+        constrain(_norm(spec.norm, p["attn_norm"], x, spec.norm_eps), block_in),
+        spec,
+        cos_sin,
+        mask,
+    )
+    h = constrain(h, residual)  # row-parallel output: reduce-scatter (sequence parallel) or all-reduce
     x = x + (p["ls1"] * h if "ls1" in p else h)
-    h = nn.mlp.mlp(p["mlp"], _norm(spec.norm, p["mlp_norm"], x, spec.norm_eps), act=spec.act)
+    h = nn.mlp.mlp(
+        p["mlp"], constrain(_norm(spec.norm, p["mlp_norm"], x, spec.norm_eps), block_in), act=spec.act
+    )
+    h = constrain(h, residual)
     return x + (p["ls2"] * h if "ls2" in p else h)
 
 
@@ -460,16 +503,19 @@ def logical_axes(cfg: ViTConfig) -> dict[str, Any]:
     return abstract(cfg)[1]
 
 
-def default_rules() -> list[tuple[str, Any]]:
+def default_rules(*, sequence_parallel: bool = True) -> list[tuple[str, Any]]:
     """Logical-axis rules for a vision tower on a ``dp`` / ``fsdp`` / ``tp`` mesh: Megatron column/row split of
     heads and MLP over ``tp``, weights split along ``embed`` over ``fsdp``; the patch-conv input channels (3)
-    stay whole.
+    stay whole. Images are split over ``dp`` x ``fsdp``; with ``sequence_parallel`` the residual stream between
+    blocks is split along the tokens over ``tp`` (the activation names of :func:`activation_names`).
 
     Example::
 
         >>> from functional_mm.parallelism import logical_to_spec
         >>> logical_to_spec(("embed", "channels", None, None), default_rules(), {"fsdp": 2, "tp": 2})
         ('fsdp', None, None, None)
+        >>> logical_to_spec(activation_names()[0], default_rules(), {"fsdp": 2, "tp": 2})
+        ('fsdp', 'tp', None)
     """
     return [
         ("heads", "tp"),
@@ -481,8 +527,39 @@ def default_rules() -> list[tuple[str, Any]]:
         ("channels", None),
         ("act_batch", ("dp", "fsdp")),
         ("act_seq", None),
+        ("act_norm_seq", "tp" if sequence_parallel else None),
         ("act_embed", None),
     ]
+
+
+def check_layout(cfg: Any, mesh: Any, rules: Sequence[tuple[str, Any]], what: str = "ViT") -> None:
+    """Fail (before any collective) when the layout would cut through an attention head of a tower with
+    ``cfg.num_heads`` heads (a :class:`ViTConfig` or the Qwen2-VL vision config): the mesh axes that split the
+    ``heads`` / ``kv_heads`` dims at compute time (all but the data axes, which are gathered at use) must
+    divide the head count. ``mesh`` is a ``DeviceMesh`` or a ``{axis: size}`` dict.
+
+    Example::
+
+        >>> check_layout(ViTConfig.variant("clip_tiny"), {"tp": 8}, default_rules())  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ViT layout: num_heads=4 is not divisible by the mesh axes ('tp',) of size 8 ...
+    """
+    from functional_mm.parallelism._rules import mesh_sizes
+
+    sizes = mesh_sizes(mesh)
+    for name in ("heads", "kv_heads"):
+        entry = parallelism.logical_to_spec((name,), rules, mesh)[0]
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in axes if a not in parallelism.DATA_AXES)
+        n = 1
+        for a in axes:
+            n *= sizes[a]
+        if cfg.num_heads % n:
+            raise ValueError(
+                f"{what} layout: num_heads={cfg.num_heads} is not divisible by the mesh axes {axes} of size {n} "
+                f"that split the {name!r} dim (a head would be cut in two); change the mesh or the rules"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,14 +588,19 @@ def embed(params: dict[str, Any], cfg: ViTConfig, pixel_values: torch.Tensor) ->
         raise ValueError(
             f"pixel_values must be [B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], got {list(pixel_values.shape)}"
         )
-    weight = params["patch_embed"]["weight"]
-    x = nn.patch_embed.apply(params["patch_embed"], pixel_values.to(weight.dtype))  # [B, N, D]
+    residual, block_in = activation_names()
+    # the weights gathered over the data axes (no-op unsharded), the images split like the batch
+    patch_embed = parallelism.use_params(params["patch_embed"])
+    pixels = constrain(pixel_values.to(patch_embed["weight"].dtype), (block_in[0], None, None, None))
+    x = nn.patch_embed.apply(patch_embed, pixels)  # [B, N, D]
+    x = constrain(x, block_in)
     if cfg.class_token:
-        x = torch.cat([params["cls"].expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1 + N, D]
-    x = x + params["pos_embed"]
+        cls = parallelism.use_param(params["cls"]).expand(x.shape[0], 1, -1)
+        x = torch.cat([constrain(cls, block_in), x], dim=1)  # [B, 1 + N, D]
+    x = x + parallelism.use_param(params["pos_embed"])
     if cfg.pre_norm:
-        x = _norm(cfg.norm, params["pre_norm"], x, cfg.norm_eps)
-    return x
+        x = _norm(cfg.norm, parallelism.use_params(params["pre_norm"]), x, cfg.norm_eps)
+    return constrain(x, residual)
 
 
 def _layer_index(i: int, num_layers: int) -> int:
@@ -547,25 +629,32 @@ def hidden_states(
         >>> h0, h2 = hidden_states(init(random.key(0), cfg), cfg, torch.zeros(1, 3, 16, 16), [0, -1])
     """
     wanted = [_layer_index(i, cfg.num_layers) for i in layers]
+    ctx = parallelism.current()
+    if ctx is not None:
+        check_layout(cfg, *ctx)
     x = embed(params, cfg, pixel_values)
     states = {0: x}
     run = autodiff.remat(block, remat_policy)
     for i in range(max(wanted, default=0)):
         x = run(params["layers"][i], x, cfg.block_spec)
         states[i + 1] = x
-    return [states[j] for j in wanted]
+    block_in = activation_names()[1]
+    return [constrain(states[j], block_in) for j in wanted]  # whole along the tokens (gathered under tp)
 
 
 def _map_head(p, x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
     """SigLIP's attention pooling: a learned probe attends over ``x: [B, T, D]`` -> ``[B, D]``."""
     b, t, _ = x.shape
     h, dh = cfg.num_heads, cfg.head_dim
-    q = nn.linear.apply(p["attn"]["q"], p["probe"].expand(b, 1, -1)).view(b, 1, h, dh).transpose(1, 2)
+    names = activation_names()[1]
+    p = parallelism.use_params(p)
+    probe = constrain(p["probe"].expand(b, 1, -1), names)
+    q = nn.linear.apply(p["attn"]["q"], probe).view(b, 1, h, dh).transpose(1, 2)
     k = nn.linear.apply(p["attn"]["k"], x).view(b, t, h, dh).transpose(1, 2)
     v = nn.linear.apply(p["attn"]["v"], x).view(b, t, h, dh).transpose(1, 2)
     y = nn.attention.dot_product_attention(q, k, v)  # [B, H, 1, Dh]
-    y = nn.linear.apply(p["attn"]["o"], y.transpose(1, 2).reshape(b, 1, -1))  # [B, 1, D]
-    y = y + nn.mlp.mlp(p["mlp"], _norm(cfg.norm, p["norm"], y, cfg.norm_eps), act=cfg.act)
+    y = constrain(nn.linear.apply(p["attn"]["o"], y.transpose(1, 2).reshape(b, 1, -1)), names)  # [B, 1, D]
+    y = y + constrain(nn.mlp.mlp(p["mlp"], _norm(cfg.norm, p["norm"], y, cfg.norm_eps), act=cfg.act), names)
     return y[:, 0]
 
 
@@ -585,10 +674,11 @@ def apply(
     """
     x = hidden_states(params, cfg, pixel_values, [-1], remat_policy=remat_policy)[0]
     pooled = None
+    post_norm = parallelism.use_params(params.get("post_norm"))
     if cfg.post_norm == "all":
-        x = _norm(cfg.norm, params["post_norm"], x, cfg.norm_eps)
+        x = _norm(cfg.norm, post_norm, x, cfg.norm_eps)
     if cfg.pool == "cls":
-        pooled = _norm(cfg.norm, params["post_norm"], x[:, 0], cfg.norm_eps)
+        pooled = _norm(cfg.norm, post_norm, x[:, 0], cfg.norm_eps)
     elif cfg.pool == "map":
         pooled = _map_head(params["head"], x, cfg)
     return {"last_hidden_state": x, "pooled": pooled}
