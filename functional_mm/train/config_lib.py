@@ -121,3 +121,85 @@ def base_config(
             raise ValueError(f"base_config: unknown section {name!r}")
         c[name].update(values)
     return c
+
+
+# Freezing stages of the VLM recipes, as regexes over parameter paths ("vision/...", "projector/..." or
+# "vision/merger/..." for Qwen2-VL, "text/...").
+VLM_STAGES = {
+    "pretrain": r"^(vision/(?!merger/)|text/)",  # align: only the projector (Qwen2-VL's merger) learns
+    "finetune": r"^vision/(?!merger/)",  # instruction tuning: projector + LLM, the vision tower frozen
+    "full": "",  # everything learns
+}
+
+
+def vlm_stage(c: ConfigDict, stage: str) -> ConfigDict:
+    """Apply a VLM training stage to ``c``: ``pretrain`` (projector only), ``finetune`` (projector + LLM),
+    ``full``, or ``lora`` (adapters on the LLM's attention and MLP, everything else frozen)."""
+    if stage == "lora":
+        c.mode.kind = "lora"
+        c.mode.lora.targets = [r"^text/.*(attn/(q|k|v|o)|mlp/(gate|up|down))/weight$"]
+        return c
+    if stage not in VLM_STAGES:
+        raise ValueError(f"config arg stage={stage!r}: expected one of {[*VLM_STAGES, 'lora']}")
+    c.mode.freeze = VLM_STAGES[stage]
+    return c
+
+
+def vlm_config(arg: str | None, *, family: str, tiny: dict, meshes: dict[str, str]) -> ConfigDict:
+    """A VLM run from ``ARG`` = ``variant[,mesh=...][,stage=...]``: ``tiny`` (``tiny`` model overrides, a
+    byte-level decoder, trained from scratch on the embedded shapes captions: ``stage=full``) or a published
+    size from ``meshes`` (variant -> recommended mesh), started from a HF directory
+    (``--config.mode.init_from``) with bf16, selective remat and ``stage=finetune`` by default."""
+    a = parse_arg(arg, variant="tiny", mesh="", stage="")
+    known = ["tiny", *meshes]
+    if a.variant not in known:
+        raise ValueError(f"configs/{family}: unknown variant {a.variant!r} (known: {', '.join(known)})")
+    is_tiny = a.variant == "tiny"
+    c = base_config(
+        family=family,
+        variant=a.variant,
+        overrides=tiny if is_tiny else {},
+        data=dict(image_size=32, seq_len=64, batch_size=32) if is_tiny else dict(seq_len=2048, batch_size=8),
+        optim=dict(lr=2e-3) if is_tiny else dict(lr=2e-5, warmup_steps=100, weight_decay=0.0),
+        mesh=dict(axes=mesh_axes(a.mesh or meshes.get(a.variant, ""))),
+        train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=2)
+        if is_tiny
+        else dict(num_steps=5000, mixed_precision="bf16", remat="selective", eval_every=500),
+        checkpoint=dict(every_steps=100 if is_tiny else 500),
+        sample=dict(num_images=128, max_new_tokens=40),
+    )
+    return vlm_stage(c, a.stage or ("full" if is_tiny else "finetune"))
+
+
+# The embedded proof's prompts: 8 colour / shape pairs, 4 samples each.
+SHAPE_PROMPTS = [
+    "a red circle", "a blue square", "a green triangle", "a yellow circle",
+    "a purple square", "an orange triangle", "a red square", "a blue triangle",
+]  # fmt: skip
+
+
+def t2i_config(arg: str | None, *, family: str, variants: dict[str, str]) -> ConfigDict:
+    """A text-to-image run from ``ARG`` = ``variant[,mesh=...][,lora]``; ``variants`` maps the config's
+    variant names to :data:`functional_mm.models.t2i.VARIANTS`."""
+    a = parse_arg(arg, variant="tiny", mesh="", lora=False)
+    if a.variant not in variants:
+        raise ValueError(f"configs/{family}: unknown variant {a.variant!r} (known: {', '.join(variants)})")
+    is_tiny = a.variant == "tiny"
+    c = base_config(
+        family=family,
+        variant=variants[a.variant],
+        data=dict(image_size=32, batch_size=32) if is_tiny else dict(batch_size=4),
+        optim=dict(lr=1e-3, warmup_steps=30, weight_decay=0.0)
+        if is_tiny
+        else dict(lr=1e-5, weight_decay=0.0),
+        mesh=dict(axes=mesh_axes(a.mesh or ("" if is_tiny else "fsdp8"))),
+        train=dict(num_steps=400, log_every=25, eval_every=100, eval_batches=2)
+        if is_tiny
+        else dict(num_steps=10000, mixed_precision="bf16", remat="full", eval_every=1000),
+        checkpoint=dict(every_steps=100 if is_tiny else 1000),
+        sample=dict(num_images=32, prompts=SHAPE_PROMPTS, num_steps=20, guidance_scale=3.0),
+    )
+    if a.lora:
+        c.mode.kind = "lora"
+        c.mode.lora.targets = [r"^denoiser/.*attn/(q|k|v|o)/weight$"]
+    return c

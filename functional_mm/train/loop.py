@@ -145,8 +145,9 @@ def _restructure(target, restored):
     return pytree.map_with_path(lambda p, _: flat[p], target)
 
 
-def build(c, workdir: str | None = None) -> Run:
-    """Set up a run from config ``c`` (validated first); generated data lands in ``workdir``."""
+def build(c, workdir: str | None = None, *, with_data: bool = True) -> Run:
+    """Set up a run from config ``c`` (validated first); generated data lands in ``workdir``.
+    ``with_data=False`` (inference) skips the data pipeline: ``run.task`` is None."""
     validate(c)
     family = registry.get(c.model.family)
     model_cfg = family.make_config(c.model.variant, c.model.overrides.to_dict())
@@ -154,8 +155,8 @@ def build(c, workdir: str | None = None) -> Run:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
 
-    task = tasks.make(c, family, model_cfg, workdir)
-    if rank == 0:
+    task = tasks.make(c, family, model_cfg, workdir) if with_data else None
+    if rank == 0 and with_data:
         print(memory_estimate(family, model_cfg, c, mesh))
 
     init_key, lora_key = random.split(random.fold_in(random.key(c.seed), 0))
@@ -166,15 +167,22 @@ def build(c, workdir: str | None = None) -> Run:
         base = parallelism.shard(base, axes, mesh, rules)
 
     remat = c.train.remat or None
+    loss = lambda p, batch, key: family.loss(p, model_cfg, batch, key=key, remat_policy=remat)
     if c.mode.kind == "lora":
         lcfg = lora.LoraConfig(
-            rank=c.mode.lora.rank, alpha=c.mode.lora.alpha, targets=tuple(c.mode.lora.targets)
-        )
+            rank=c.mode.lora.rank, alpha=c.mode.lora.alpha, dropout=c.mode.lora.get("dropout", 0.0),
+            targets=tuple(c.mode.lora.targets),
+        )  # fmt: skip
         trainable = lora.init(lora_key, base, lcfg)
-        params_of = lambda adapters: lora.merge(base, adapters, lcfg)
+        params_of = lambda adapters: lora.merge(base, adapters, lcfg)  # no dropout: eval / export
+
+        def loss_fn(adapters, batch, key):
+            k_drop, k_loss = random.split(key)
+            return loss(lora.merge(base, adapters, lcfg, key=k_drop), batch, k_loss)
+
     else:
         trainable, params_of = base, lambda p: p
-    loss_fn = lambda t, batch, key: family.loss(params_of(t), model_cfg, batch, key=key, remat_policy=remat)
+        loss_fn = loss
     return Run(c, family, model_cfg, mesh, rules, base, trainable, loss_fn, params_of, task, rank, world)
 
 
@@ -410,3 +418,30 @@ def _train(run: Run, workdir: str) -> dict[str, float]:
             final.close()
         report.write_report(workdir)
     return last
+
+
+def load_for_inference(c, checkpoint_path: str) -> tuple[Run, Any]:
+    """``(run, params)`` for inference from ``checkpoint_path``: a Hugging Face directory (``config.json``),
+    one of our workdirs, or its ``checkpoints/`` folder (newest step; LoRA runs come back merged). One
+    process, no mesh."""
+    if os.path.exists(os.path.join(checkpoint_path, "config.json")):
+        c.mode.init_from, c.mode.kind = checkpoint_path, "finetune"
+        c.mesh.axes = {}
+        run = build(c, with_data=False)
+        return run, run.params_of(run.trainable)
+    workdir = checkpoint_path.rstrip("/")
+    if os.path.basename(workdir) == "checkpoints":
+        workdir = os.path.dirname(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(
+            f"--checkpoint={checkpoint_path!r} is neither a Hugging Face directory (no config.json) nor a "
+            "workdir of ours (no checkpoints/ folder)"
+        )
+    c.mesh.axes = {}
+    run = build(c, with_data=False)
+    with checkpoint.CheckpointManager(ckpt_dir) as mgr:
+        if mgr.latest_step() is None:
+            raise FileNotFoundError(f"--checkpoint={checkpoint_path!r}: no committed checkpoint in {ckpt_dir}")
+        state = mgr.restore(targets={"state": initial_state(run)})["state"]
+    return run, run.params_of(state.params)

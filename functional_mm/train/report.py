@@ -19,6 +19,7 @@ def write_report(workdir: str) -> str | None:
         return None
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "loss" in r]  # end-of-run rows hold only scores (caption accuracy, ...)
     if not rows:
         return None
     import matplotlib
@@ -34,9 +35,10 @@ def write_report(workdir: str) -> str | None:
         ax_loss.plot(*zip(*evals), "o-", label="eval loss")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_loss.legend()
-    if "tokens_per_s" in rows[0]:
-        ax_tput.plot(steps, [r["tokens_per_s"] for r in rows])
-        ax_tput.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    unit = next((k for k in ("tokens_per_s", "samples_per_s") if k in rows[0]), None)
+    if unit:
+        ax_tput.plot(steps, [r[unit] for r in rows])
+        ax_tput.set(xlabel="step", ylabel=unit.replace("_per_s", "/s"), title="throughput")
     fig.tight_layout()
     out = os.path.join(workdir, "report.png")
     fig.savefig(out, dpi=100)

@@ -162,17 +162,21 @@ class _ImageTask(Task):
         self.loader.close()
 
 
+def vlm_prompt(family, model_cfg, tokenizer, img: Image.Image, text: str = "") -> tuple[dict, list[int]]:
+    """The image's tensors and the prompt ids ``<bos> <placeholders> text`` the captioning task trains on
+    (Qwen2-VL wraps the placeholders in ``<|vision_start|>`` / ``<|vision_end|>``)."""
+    inputs, n = family.image_inputs(model_cfg, img)
+    image = family.image_token * n
+    if "<|vision_start|>" in family.special_tokens:
+        image = f"<|vision_start|>{image}<|vision_end|>"
+    return inputs, tokenizer.encode(image + text, bos=True)
+
+
 class CaptionTask(_ImageTask):
     """Image captioning for the VLM families (LLaVA, Qwen2-VL, InternVL2)."""
 
     def prompt(self, img: Image.Image) -> tuple[dict, list[int]]:
-        """The image's tensors and the prompt ids ``<bos> <placeholders>`` (Qwen2-VL wraps them in
-        ``<|vision_start|>`` / ``<|vision_end|>``)."""
-        inputs, n = self.family.image_inputs(self.model_cfg, img)
-        image = self.family.image_token * n
-        if "<|vision_start|>" in self.family.special_tokens:
-            image = f"<|vision_start|>{image}<|vision_end|>"
-        return inputs, self.tokenizer.encode(image, bos=True)
+        return vlm_prompt(self.family, self.model_cfg, self.tokenizer, img)
 
     def process(self, sample: dict, ctx) -> dict:
         inputs, prompt = self.prompt(_load_rgb(sample))
@@ -241,17 +245,30 @@ def write_grid(images: np.ndarray, path: str, cols: int = 8) -> None:
     Image.fromarray(grid).save(path)
 
 
+def encode_prompts(tokenizer, model_cfg, prompts: list[str]) -> torch.Tensor:
+    """``[N, L]`` byte ids ``<bos> prompt <eos>`` padded with ``<eos>`` to the text encoder's length (CLIP
+    pools the first EOS)."""
+    length = model_cfg.text.max_position_embeddings
+    rows = []
+    for p in prompts:
+        ids = tokenizer.encode(p, bos=True, eos=True)[:length]
+        rows.append(ids + [tokenizer.eos] * (length - len(ids)))
+    return torch.tensor(rows)
+
+
 class TextToImageTask(_ImageTask):
     """Prompted image generation for the SD3 / Flux families (pixels in [-1, 1], prompt = the short label)."""
 
+    def __init__(self, c, family, model_cfg, workdir):
+        if model_cfg.text is None:
+            raise ValueError(
+                f"config.model.variant={c.model.variant!r} is conditioned on precomputed text features; the "
+                "train loop only feeds prompts to an in-model text encoder so far (use a variant with `text`)"
+            )
+        super().__init__(c, family, model_cfg, workdir)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Byte ids ``<bos> prompt <eos>`` padded with ``<eos>`` to a fixed length (CLIP pools the first EOS)."""
-        length = self.model_cfg.text.max_position_embeddings if self.model_cfg.text else 32
-        rows = []
-        for p in prompts:
-            ids = self.tokenizer.encode(p, bos=True, eos=True)[:length]
-            rows.append(ids + [self.tokenizer.eos] * (length - len(ids)))
-        return torch.tensor(rows)
+        return encode_prompts(self.tokenizer, self.model_cfg, prompts)
 
     def process(self, sample: dict, ctx) -> dict:
         img = _load_rgb(sample)
