@@ -9,12 +9,20 @@ over the data axes it runs whole on every rank; ``pixel_values`` / ``image_grid_
 by ``shard_batch`` (the model gathers them). The plain ViT towers (CLIP, SigLIP with its attention-pooling
 head, InternViT with layer scale) give the same loss and gradients on both meshes as in one process.
 
-One 2-rank launch runs every check (spawning is the expensive part on 2 cores): about 35 s in all.
+LLaVA (CLIP tower + projector + Llama) and InternVL2 (InternViT + pixel shuffle + LayerNorm projector + Qwen2)
+train the same way under ``{"fsdp": 2}`` and ``{"tp": 2}`` (their ``default_rules()``): the tower splits the
+images over the data axes, so a row whose images another rank's tower ran gets them through the merge (the
+first row holds both images of the batch, the second none).
+
+One 2-rank launch runs every check (spawning is the expensive part on 2 cores): about 35 s for Qwen2-VL and the
+towers; the 4 LLaVA-style runs of 3 steps add less than a launch of their own would cost.
 
 Tolerances as in test_parallel_training.py: fp32; sharded runs sum partial products in another order, which
 moves gradients by ~1e-7 relative, and Adam turns that into ~1e-6 (at most 1e-5 measured, on the merger's
 weights) on the parameters after 3 steps at lr 1e-3: ``ATOL = 2e-5`` on parameters, 1e-5 on losses.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -22,7 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from functional_mm import autodiff, optim, pytree, random
-from functional_mm.models import qwen2_vl, vit
+from functional_mm.models import internvl, llava, qwen2_vl, vit
 from functional_mm.parallelism import gather, make_mesh, run_local, shard, shard_batch, use_mesh
 from functional_mm.train import TrainState, make_train_step
 
@@ -122,6 +130,7 @@ def _run() -> dict:
         report[name]["forward_comms"] = {str(k).split(".")[-1]: v for k, v in comms.get_comm_counts().items()}
         if name in ("fsdp2", "tp2"):
             report[name]["towers"] = {t: _tower_loss_and_grads(t, mesh) for t in TOWERS}
+    report["llava_style"] = _run_vlms()  # in the same launch: spawning 2 ranks costs more than the runs
     return report
 
 
@@ -206,3 +215,103 @@ def test_vision_heads_not_divisible_by_tp_fail_without_processes():
         vit.check_layout(one_head.vision, {"tp": 2}, rules, what="Qwen2-VL vision")
     with pytest.raises(ValueError, match=r"ViT layout: num_heads=4 is not divisible .* of size 8"):
         vit.check_layout(vit.ViTConfig.variant("clip_tiny"), {"tp": 8}, vit.default_rules())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA and InternVL2: the LLaVA-style glue of llava.py (embedding, merge, decoder, loss) shared by both
+
+VLMS = {
+    "llava": (llava, llava.LlavaConfig.variant("tiny")),  # CLIP 4x4 patches + CLS -> 16 tokens per image
+    "internvl": (internvl, internvl.InternVLConfig.variant("tiny")),  # InternViT 8x8 -> pixel shuffle -> 16
+}
+VLM_LAYOUTS = {"fsdp2": {"fsdp": 2}, "tp2": {"tp": 2}}
+
+
+def _vlm_batch(cfg, i: int) -> dict:
+    """Two rows of 38 tokens: the first holds both images of the batch, the second is text, right-padded."""
+    g = torch.Generator().manual_seed(200 + i)
+    text = torch.randint(3, 100, (12,), generator=g).tolist()
+    img = [cfg.image_token_id] * cfg.num_image_tokens
+    rows = [[1, *text[:2], *img, *text[2:4], *img, text[4]], [1, *text[5:12]]]
+    t = len(rows[0])
+    size = cfg.vision.image_size
+    return {
+        "tokens": torch.tensor([rows[0], rows[1] + [0] * (t - len(rows[1]))]),
+        "attention_mask": torch.tensor([[1] * t, [1] * len(rows[1]) + [0] * (t - len(rows[1]))]),
+        "loss_mask": torch.tensor([[0] * 3 + [1] * (t - 3), [1] * t]),  # no target in the first prompt words
+        "pixel_values": torch.randn(2, 3, size, size, generator=g),
+    }
+
+
+def _train_vlm(name: str, mesh=None, rules=None):
+    """3 eager steps of ``name`` from the same weights: (losses, final params). Sharded when ``mesh`` is given."""
+    model, cfg = VLMS[name]
+    params = model.init(random.key(0), cfg)
+    if mesh is not None:
+        params = shard(params, model.logical_axes(cfg), mesh, rules)
+    state = TrainState.create(params, TX, random.key(1))
+    step = make_train_step(lambda p, b, k: model.loss(p, cfg, b), TX, compile=False)
+    losses = []
+    for i in range(STEPS):
+        with use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext():
+            state, metrics = step(state, _vlm_batch(cfg, i))
+        losses.append(_scalar(metrics["loss"]))
+    return losses, state.params
+
+
+def _run_vlms() -> dict:
+    report: dict = {}
+    for name, (model, cfg) in VLMS.items():
+        rules = model.default_rules()
+        for layout_name, layout in VLM_LAYOUTS.items():
+            mesh = make_mesh(layout)
+            losses, params = _train_vlm(name, mesh, rules)
+            # a batch placed by shard_batch (tokens, masks and pixels split over the data axes) gives the same loss
+            start = shard(model.init(random.key(0), cfg), model.logical_axes(cfg), mesh, rules)
+            with use_mesh(mesh, rules), torch.no_grad():
+                placed = _scalar(model.loss(start, cfg, shard_batch(_vlm_batch(cfg, 0))))
+            report[name, layout_name] = {
+                "losses": losses,
+                "params": gather(params),
+                "placements": {p: tuple(x.placements) for p, x in pytree.flatten_with_paths(params)[0]},
+                "placed_loss": placed,
+            }
+    return report
+
+
+@pytest.fixture(scope="module")
+def vlm_reference():
+    return {name: _train_vlm(name) for name in VLMS}
+
+
+@pytest.fixture(scope="module")
+def vlm_two(two):
+    return two["llava_style"]
+
+
+@pytest.mark.parametrize("layout", list(VLM_LAYOUTS))
+@pytest.mark.parametrize("name", list(VLMS))
+def test_llava_style_two_rank_training_matches_single_process(vlm_two, vlm_reference, name, layout):
+    ref_losses, ref_params = vlm_reference[name]
+    report = vlm_two[name, layout]
+    assert report["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    assert pytree.same_structure(report["params"], ref_params)
+    assert _max_err(report["params"], ref_params) < ATOL
+    # every part trained (fails with a frozen or detached tower / projector): 3 steps move each by > 1e-3
+    model, cfg = VLMS[name]
+    start = model.init(random.key(0), cfg)
+    for part in ("vision", "projector", "text"):
+        assert _max_err(report["params"][part], start[part]) > 1e-3, part
+    assert report["placed_loss"] == pytest.approx(ref_losses[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VLMS))
+def test_llava_style_weights_are_sharded(vlm_two, name):
+    R, S = Replicate(), Shard
+    fsdp, tp = vlm_two[name, "fsdp2"]["placements"], vlm_two[name, "tp2"]["placements"]
+    # [out, in]: the "embed" dim is split over fsdp (fc1's input, fc2's output)
+    assert fsdp["projector/fc1/weight"] == (S(1),) and fsdp["projector/fc2/weight"] == (S(0),)
+    assert tp["projector/fc1/weight"] == tp["projector/fc1/bias"] == (S(0),)  # column parallel
+    assert tp["projector/fc2/weight"] == (S(1),) and tp["projector/fc2/bias"] == (R,)  # row parallel
+    assert fsdp["text/embed/weight"] == (S(1),) and tp["text/embed/weight"] == (S(0),)  # vocab parallel
+    assert tp["vision/layers/0/attn/q/weight"] == (S(0),) and fsdp["vision/layers/0/attn/q/weight"] == (S(1),)

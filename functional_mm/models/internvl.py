@@ -48,6 +48,7 @@ from functional_mm.models.llava import (
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
+    project,
 )
 
 __all__ = [
@@ -267,7 +268,8 @@ def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
 def image_features(
     params: dict[str, Any], cfg: InternVLConfig, pixel_values: torch.Tensor, *, remat_policy: Any = None
 ) -> torch.Tensor:
-    """``pixel_values: [n, C, H, W]`` (tiles) -> ``[n, num_image_tokens, D_text]``."""
+    """``pixel_values: [n, C, H, W]`` (tiles) -> ``[n, num_image_tokens, D_text]``. On a mesh the tiles are split
+    over the data axes (:func:`functional_mm.models.vit.apply`) and the projector is ``llava.project``'s."""
     v = cfg.vision
     if cfg.feature_layer == -1:
         x = vit.apply(params["vision"], v, pixel_values, remat_policy=remat_policy)["last_hidden_state"]
@@ -278,9 +280,7 @@ def image_features(
     x = x[:, 1:]  # drop CLS: [n, g*g, Dv]
     n = x.shape[0]
     x = pixel_shuffle(x.reshape(n, v.grid, v.grid, v.dim), cfg.scale).reshape(n, -1, cfg.projector_in_dim)
-    p = params["projector"]
-    x = nn.norms.layer_norm(p["norm"], x)  # nn.LayerNorm's default eps (1e-5), as in transformers
-    return nn.linear.apply(p["fc2"], nn.mlp.activation(cfg.projector_act)(nn.linear.apply(p["fc1"], x)))
+    return project(params["projector"], cfg.projector_act, x)  # LayerNorm, fc1, act, fc2
 
 
 def embed_inputs(

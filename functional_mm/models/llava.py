@@ -9,6 +9,12 @@ the image placeholder tokens of the prompt; the decoder (:func:`functional_mm.mo
 This module also holds the glue the other VLMs reuse: :func:`merge_embeddings`, :func:`next_token_loss` and the
 nested-config helpers.
 
+On a mesh (inside :func:`functional_mm.parallelism.use_mesh`, params placed with :func:`default_rules`) the
+decoder runs as :func:`functional_mm.models.llama.apply` does (FSDP, Megatron TP with sequence parallelism, a
+vocab-parallel embedding and loss) and the tower as :func:`functional_mm.models.vit.apply` does (images split
+over the data axes); the projected features are then made whole on every rank and each rank writes those of
+its own positions (:func:`merge_embeddings`).
+
 Parameter tree::
 
     vision/...                       the ViT tree (functional_mm.models.vit)
@@ -39,9 +45,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
-from functional_mm import nn, pytree, random
+from functional_mm import nn, parallelism, pytree, random
 from functional_mm.models import llama, vit
+from functional_mm.parallelism import constrain
 
 __all__ = [
     "LlavaConfig",
@@ -52,6 +60,7 @@ __all__ = [
     "logical_axes",
     "default_rules",
     "image_features",
+    "project",
     "expand_image_tokens",
     "merge_embeddings",
     "embed_inputs",
@@ -126,7 +135,13 @@ def merge_embeddings(
 ) -> torch.Tensor:
     """Write ``features: [n, D]`` (in order) over the positions of ``embeds: [B, T, D]`` where ``tokens == token_id``.
 
-    Out of place and differentiable in both ``embeds`` and ``features`` (``masked_scatter``, as transformers does).
+    Out of place and differentiable in both ``embeds`` and ``features``, with the values and gradients of
+    ``masked_scatter`` (what transformers does), but written as a gather, which also works on DTensors: each
+    position picks the feature row given by the running count of placeholders before it, and ``torch.where``
+    keeps the text embedding elsewhere. On a mesh ``embeds`` is laid out like the decoder's residual stream
+    (rows over the data axes, the sequence over ``tp`` under sequence parallelism), ``tokens`` are read whole and
+    ``features`` (any leading shape, e.g. ``[n_images, N, D]`` split over the images) are made whole on every
+    rank: a row may hold images another rank's tower ran. Each rank then fills its own slice of ``embeds``.
 
     Example::
 
@@ -134,15 +149,24 @@ def merge_embeddings(
         >>> merge_embeddings(e, torch.tensor([[0, 9, 9, 0]]), 9, torch.ones(2, 2))[0, :, 0].tolist()
         [0.0, 1.0, 1.0, 0.0]
     """
+    tokens = llama._whole(tokens)  # the placeholder positions are read on the host: the ids stay whole
     slots = tokens == token_id  # [B, T]
-    features = features.reshape(-1, embeds.shape[-1])
+    features = constrain(features, (None,) * features.dim())  # whole (all-gathered if split over images)
+    features = features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)  # [n, D]
     # The count check syncs with the host, which a compiled step must not do; eager calls keep it.
     if not torch.compiler.is_compiling() and (n := int(slots.sum())) != features.shape[0]:
         raise ValueError(
             f"the prompt has {n} {what} placeholder tokens (id {token_id}) but there are {features.shape[0]} "
             f"{what} feature vectors; expand each placeholder to the {what}'s token count first"
         )
-    return embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+    if features.shape[0] == 0:
+        return embeds
+    # The feature row of each slot; positions that are not slots pick row 0 and are dropped by the where (their
+    # zero gradient adds nothing to row 0).
+    index = (slots.flatten().long().cumsum(0) - 1).clamp(min=0).view_as(slots)  # [B, T]
+    names = llama._RESIDUAL[:2]  # split like the rows and positions of embeds
+    picked = F.embedding(constrain(index, names), features)  # [B, T, D]
+    return torch.where(constrain(slots, names)[..., None], picked, embeds)
 
 
 def next_token_loss(
@@ -159,12 +183,17 @@ def next_token_loss(
     (``attention_mask``) and it is not one of ``ignore_ids`` (image / video placeholders carry no text to
     predict). With no valid target the loss is 0.
 
+    On a mesh the ids and masks are read whole and the cross entropy is vocab-parallel
+    (:func:`functional_mm.parallelism.cross_entropy`, logits as :func:`functional_mm.models.llama.apply` lays
+    them out): the ``[B, T, V]`` logits are never gathered.
+
     Example::
 
         >>> logits = torch.zeros(1, 3, 4)
         >>> round(float(next_token_loss(logits, torch.tensor([[0, 1, 2]]))), 4)   # uniform over 4: log 4
         1.3863
     """
+    tokens, loss_mask, attention_mask = (llama._whole(v) for v in (tokens, loss_mask, attention_mask))
     b, t = tokens.shape
     if logits.shape[:2] != (b, t):
         raise ValueError(f"logits {list(logits.shape)} do not match tokens {list(tokens.shape)}")
@@ -178,10 +207,11 @@ def next_token_loss(
         valid = valid & (tokens[:, 1:] != i)
     # -100 where a position is not a target; scoring all T positions avoids copying the logits.
     targets = F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
-    ce_sum = F.cross_entropy(
-        logits.float().reshape(b * t, -1), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
+    ce_sum = parallelism.cross_entropy(
+        logits.float().reshape(b * t, -1), targets.reshape(-1), reduction="sum"
     )
-    return ce_sum / valid.sum().clamp(min=1).to(ce_sum.dtype)
+    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,8 +361,23 @@ def image_features(
     if cfg.feature_select == "default":
         states = [s[:, 1:] for s in states]  # drop CLS
     x = torch.cat(states, dim=-1) if len(states) > 1 else states[0]  # [n, N, Dv * n_layers]
-    p = params["projector"]
-    return nn.linear.apply(p["fc2"], nn.mlp.activation(cfg.projector_act)(nn.linear.apply(p["fc1"], x)))
+    return project(params["projector"], cfg.projector_act, x)
+
+
+# Layout of the projected image features ``[n, N, D]``: the images split like the batch, the rest whole.
+_FEATURES = vit.activation_names()[1]
+
+
+def project(p: dict[str, Any], act: str, x: torch.Tensor) -> torch.Tensor:
+    """The two-layer projector ``fc2(act(fc1(x)))`` (``p`` may hold a ``norm`` applied first, InternVL's):
+    ``[n, N, Dv] -> [n, N, D]``. On a mesh the weights are gathered over the data axes at use and split over
+    ``tp`` (fc1 column-, fc2 row-parallel); the output keeps the images split like the batch and is whole
+    otherwise (all-reduced under tp)."""
+    p = parallelism.use_params(p)
+    if "norm" in p:
+        x = nn.norms.layer_norm(p["norm"], x)  # nn.LayerNorm's default eps (1e-5), as in transformers
+    x = nn.linear.apply(p["fc2"], nn.mlp.activation(act)(nn.linear.apply(p["fc1"], x)))
+    return constrain(x, _FEATURES)
 
 
 def expand_image_tokens(tokens: Sequence[int], cfg: LlavaConfig) -> list[int]:
@@ -373,9 +418,15 @@ def embed_with_images(
     remat_policy: Any = None,
 ) -> torch.Tensor:
     """Embed ``tokens`` with ``params["text"]["embed"]`` and write ``features_fn(params, cfg, pixel_values)`` over
-    the ``cfg.image_token_id`` placeholders. Shared by the LLaVA-style VLMs' ``embed_inputs``."""
+    the ``cfg.image_token_id`` placeholders. Shared by the LLaVA-style VLMs' ``embed_inputs``.
+
+    On a mesh the embedding is Llama's (vocab-parallel under ``tp``, laid out like the residual stream);
+    ``tokens`` may come plain or placed by ``shard_batch`` (read whole), ``pixel_values`` too (the tower splits
+    the images over the data axes)."""
     check_tokens(tokens)
-    x = F.embedding(tokens, params["text"]["embed"]["weight"])  # [B, T, D]
+    _check_mesh(params, "embed_with_images")
+    tokens = llama._whole(tokens)
+    x = llama._embed_inputs(params["text"], cfg.text, tokens, None)  # [B, T, D]
     if pixel_values is None:
         if bool((tokens == cfg.image_token_id).any()):
             raise ValueError("tokens hold image placeholders but no pixel_values were given")
@@ -383,6 +434,14 @@ def embed_with_images(
     return merge_embeddings(
         x, tokens, cfg.image_token_id, features_fn(params, cfg, pixel_values, remat_policy=remat_policy)
     )
+
+
+def _check_mesh(params: dict[str, Any], who: str) -> None:
+    if parallelism.current() is None and isinstance(params["text"]["embed"]["weight"], DTensor):
+        raise ValueError(
+            f"{who}: the parameters are sharded (DTensors); call it inside parallelism.use_mesh(mesh, rules) so "
+            "activations get their layouts"
+        )
 
 
 def apply(
@@ -422,7 +481,12 @@ def apply_with(
     remat_policy: Any = None,
 ) -> torch.Tensor:
     """Logits of the Llama decoder ``params["text"]`` run on ``embed_fn(params, cfg, tokens, pixel_values)``.
-    Shared by the LLaVA-style VLMs' ``apply``."""
+    Shared by the LLaVA-style VLMs' ``apply``. On a mesh the decoder runs as
+    :func:`functional_mm.models.llama.apply` does (logits vocab-parallel under ``tp``)."""
+    _check_mesh(params, "apply")
+    ctx = parallelism.current()
+    if ctx is not None:  # before any collective: a head cut in two fails here, on every rank alike
+        llama.check_layout(cfg.text, *ctx)
     x = embed_fn(params, cfg, tokens, pixel_values, remat_policy=remat_policy)
     return llama.apply(
         params["text"],
@@ -462,10 +526,15 @@ def batch_loss(
 ) -> torch.Tensor:
     """Next-token loss of ``apply_fn(params, cfg, batch["tokens"], **inputs)``: ``keys`` are the allowed batch
     keys (``"tokens"`` first); every key but ``loss_mask`` goes to ``apply_fn``. ``ignore_ids`` are never
-    targets. Shared by the VLMs' ``loss``."""
+    targets. Shared by the VLMs' ``loss``.
+
+    On a mesh the batch may be plain (the global batch, identical on every rank) or placed by ``shard_batch``:
+    ids, masks and positions are read whole (gathered once here), ``pixel_values`` go to the tower as they are
+    and the loss is vocab-parallel (:func:`next_token_loss`)."""
     unknown = sorted(set(batch) - set(keys))
     if unknown or "tokens" not in batch:
         raise ValueError(f"loss: batch needs 'tokens' and may hold {list(keys[1:])}; unknown keys {unknown}")
+    batch = {k: v if k == "pixel_values" else llama._whole(v) for k, v in batch.items()}
     kw = {k: batch.get(k) for k in keys[1:] if k != "loss_mask"}
     logits = apply_fn(params, cfg, batch["tokens"], remat_policy=remat_policy, **kw)
     return next_token_loss(
