@@ -51,9 +51,11 @@ from functional_mm.models.llava import (
     check_sub,
     check_token_id,
     check_tokens,
+    merge_embeddings,
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
+    next_token_loss,
 )
 from functional_mm.models.vit import check_number, check_positive_int
 from functional_mm.parallelism import constrain
@@ -606,31 +608,10 @@ def embed_inputs(
     ):
         feats = _features(params, cfg, px, grid, what, remat_policy)
         if feats is not None:
-            x = _merge(x, whole, token_id, feats, what)
+            x = merge_embeddings(x, whole, token_id, feats, what)
         elif bool((whole == token_id).any()):
             raise ValueError(f"tokens hold {what} placeholders but no {what} pixel values were given")
     return x
-
-
-def _merge(x: torch.Tensor, tokens: torch.Tensor, token_id: int, features: torch.Tensor, what: str):
-    """Write ``features: [n, D]`` (in order) over the positions of ``x: [B, T, D]`` where ``tokens == token_id``
-    (``tokens`` whole). Values and gradients equal ``llava.merge_embeddings`` (``masked_scatter``), but as a
-    gather: each position picks its row by index (the running count of placeholders before it), so on a mesh
-    every rank fills its own slice of ``x`` from the replicated features, without a collective."""
-    slots = tokens == token_id  # [B, T]
-    features = features.reshape(-1, x.shape[-1]).to(x.dtype)
-    # The count check syncs with the host, which a compiled step must not do; eager calls keep it.
-    if not torch.compiler.is_compiling() and (n := int(slots.sum())) != features.shape[0]:
-        raise ValueError(
-            f"the prompt has {n} {what} placeholder tokens (id {token_id}) but there are {features.shape[0]} "
-            f"{what} feature vectors; expand each placeholder to the {what}'s token count first"
-        )
-    if features.shape[0] == 0:
-        return x
-    index = (slots.flatten().long().cumsum(0) - 1).clamp(min=0).view_as(slots)  # [B, T] feature row per slot
-    names = llama._RESIDUAL[:2]  # split like x's rows and positions
-    picked = F.embedding(constrain(index, names), features)  # [B, T, D]
-    return torch.where(constrain(slots, names)[..., None], picked, x)
 
 
 def _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw):
@@ -742,21 +723,10 @@ def loss(
     whole = {k: _whole(v) for k, v in batch.items()}
     kw = {k: whole.get(k) for k in _BATCH_KEYS[1:] if k != "loss_mask"}
     logits = apply(params, cfg, whole["tokens"], remat_policy=remat_policy, **kw)  # [B, T, V]
-    tokens, loss_mask, attention_mask = (whole.get(k) for k in ("tokens", "loss_mask", "attention_mask"))
-    b, t = tokens.shape
-    valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
-    if loss_mask is not None:
-        valid = valid & (loss_mask[:, 1:] != 0)
-    if attention_mask is not None:
-        real = attention_mask != 0
-        valid = valid & real[:, 1:] & real[:, :-1]
-    for i in (cfg.image_token_id, cfg.video_token_id):
-        valid = valid & (tokens[:, 1:] != i)
-    # -100 where a position is not a target; scoring all T positions avoids copying the logits.
-    targets = F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
-    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
-    ce_sum = parallelism.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), reduction="sum")
-    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
+    return next_token_loss(
+        logits, whole["tokens"], loss_mask=whole.get("loss_mask"), attention_mask=whole.get("attention_mask"),
+        ignore_ids=(cfg.image_token_id, cfg.video_token_id),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
