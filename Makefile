@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 venv: $(STAMP)
 
-# Main job: train a small Llama-style LM on the embedded text corpus (CPU, a few minutes).
+# Main job: train a tiny LLaVA to caption the embedded shapes images, then caption held-out ones (CPU).
 train: $(STAMP)
-	$(VENV)/bin/python -m functional_mm.train --config configs/llama.py:tiny --workdir runs/llama_tiny
+	$(VENV)/bin/python -m functional_mm.train --config configs/llava.py:tiny --workdir runs/llava_tiny
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
