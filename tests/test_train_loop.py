@@ -114,6 +114,7 @@ def test_lora_mode_trains_only_adapters(tmp_path):
     c = small_config(num_steps=10)
     c.mode.kind = "lora"
     c.mode.lora.targets = [r"attn/(q|v)/weight$"]
+    c.mode.lora.dropout = 0.1  # a fresh input-feature mask per step, from the step key
     c.sample.prompt = ""
     loop.train(c, str(tmp_path))
     saved = _final_params(tmp_path)
