@@ -4,7 +4,8 @@ Layouts (``llama.default_rules()``): fsdp=2, tp=2 (with and without sequence par
 fsdp=2 x tp=2 and dp=2 x fsdp=2 (HSDP) on 4 ranks. Each trains the tiny Llama for 3 AdamW steps from the
 same weights on the same batches and is compared, loss by loss and parameter by parameter (gathered), with
 the same 3 steps in this (single) process. The compiled step is checked against the eager one on fsdp=2 and
-fsdp=2 x tp=2, donation (in-place update) on fsdp=2, and a batch built from per-rank rows. Spawning and
+fsdp=2 x tp=2, donation (in-place update) on fsdp=2, and a batch built from per-rank rows; the collectives of
+one eager step are counted (one all-gather and one reduce-scatter per block under FSDP, not one per weight). Spawning and
 compiling are the expensive parts on a 2-core machine, so one 2-rank and one 4-rank launch run every check and
 return a report that the tests below assert on (about 2 minutes with a warm inductor cache, 3.5 cold).
 
@@ -96,6 +97,11 @@ def _layout_report(layout, sp, compile_too) -> dict:
     with use_mesh(mesh, rules), CommDebugMode() as comms, torch.no_grad():
         llama.loss(params, CFG, _batch(0))
     out["forward_comms"] = {str(k).split(".")[-1]: v for k, v in comms.get_comm_counts().items()}
+    # Collectives of one whole eager train step (forward, backward, update, metrics).
+    step = make_train_step(lambda p, b, k: llama.loss(p, CFG, b), TX, compile=False)
+    with use_mesh(mesh, rules), CommDebugMode() as comms:
+        step(state, _batch(0))
+    out["step_comms"] = {str(k).split(".")[-1]: v for k, v in comms.get_comm_counts().items()}
     if compile_too:
         eager_losses, eager = _train(CFG1, False, mesh, rules)
         compiled_losses, compiled = _train(CFG1, True, mesh, rules)
@@ -265,9 +271,28 @@ def test_tensor_parallel_forward_collectives(two):
     }
     # without sequence parallelism the row-parallel outputs are all-reduced instead
     assert two["tp2_no_sp"]["forward_comms"] == {"all_reduce": 2 * layers + 1 + 3}
-    # fsdp: one all-gather per weight, nothing else but the loss's row sum and count
-    n_weights = len(pytree.leaves(llama.logical_axes(CFG), is_leaf=lambda x: isinstance(x, tuple)))
-    assert two["fsdp2"]["forward_comms"]["all_gather_into_tensor"] == n_weights
+    # fsdp: one all-gather per block (its weights in one buffer), one for the embedding and one for the head
+    # (final norm + output projection); nothing else but the loss's sum (the rows' cross entropy is local)
+    assert two["fsdp2"]["forward_comms"] == {"all_gather_into_tensor": layers + 2, "all_reduce": 1}
+
+
+def test_fsdp_and_dp_move_one_buffer_per_layer(two, four):
+    """Bucketed collectives (``use_params``): a whole train step issues one all-gather and one reduce-scatter
+    per decoder block, as FSDP2's flat buffer per layer does, not one per weight (9 per block here)."""
+    layers = CFG.num_layers
+    # + embedding + head; all-reduces: the loss sum and the grad / update norm metrics (one vector each)
+    metrics = 3
+    assert two["fsdp2"]["step_comms"] == {
+        "all_gather_into_tensor": layers + 2,
+        "reduce_scatter_tensor": layers + 2,
+        "all_reduce": metrics,
+    }
+    # DP (replicated weights): each block's gradients all-reduced in one buffer, as DDP's buckets; the norms
+    # of replicated gradients are local, only the loss sum remains
+    assert two["dp2"]["step_comms"] == {"all_reduce": layers + 2 + 1}
+    # HSDP: per bucket a reduce-scatter over fsdp, then an all-reduce of the shard over dp
+    hsdp = four["dp2xfsdp2"]["step_comms"]
+    assert hsdp["all_gather_into_tensor"] == hsdp["reduce_scatter_tensor"] == layers + 2, hsdp
 
 
 @pytest.mark.parametrize("which", ["two", "four"])

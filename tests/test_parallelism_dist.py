@@ -12,13 +12,16 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.debug import CommDebugMode
 
 from functional_mm import nn, pytree, random
 from functional_mm.parallelism import (
     RankError,
     abstract_init,
     constrain,
+    cross_entropy,
     describe,
     gather,
     make_mesh,
@@ -26,6 +29,8 @@ from functional_mm.parallelism import (
     shard,
     sharded_init,
     use_mesh,
+    use_param,
+    use_params,
     visualize,
 )
 from functional_mm.parallelism._describe import shard_ranges
@@ -76,6 +81,41 @@ def _locals_match_ranges(tree, full) -> bool:
 def _per_rank_bytes(table: str) -> tuple[int, int]:
     m = re.search(r"total: [\d,]+ params, ([\d,]+) bytes .*per rank \(max\): ([\d,]+) bytes", table)
     return int(m.group(1).replace(",", "")), int(m.group(2).replace(",", ""))
+
+
+def _use_params_report(mesh, rules, tree, tree_axes) -> dict:
+    """``use_params`` (bucketed) against ``use_param`` on every leaf: forward values and placements, gradients
+    (through a batch-split loss, so they arrive Partial over the data axes), and the collectives of each."""
+    sharded = shard(tree, tree_axes, mesh, rules, allow_uneven=True)
+    runs = {}
+    for how in ("bucket", "leaf"):
+        ws = [x.detach().requires_grad_() for x in pytree.leaves(sharded)]
+        with use_mesh(mesh, rules), CommDebugMode() as comms:
+            tree_in = pytree.unflatten(pytree.structure(sharded), ws)
+            used = use_params(tree_in) if how == "bucket" else pytree.tree_map(use_param, tree_in)
+            us = pytree.leaves(used)
+            loss = 0.0
+            for j, u in enumerate(us[1:], 1):  # leaf 0 unused: its gradient is zero
+                coef = random.normal(random.fold_in(random.key(7), j), (4, *u.shape))  # [B, *w.shape]
+                loss = loss + (constrain(coef, ("act_batch",) + (None,) * u.dim()) * u).sum()
+            grads = torch.autograd.grad(loss.full_tensor(), ws, allow_unused=True)
+        runs[how] = {
+            "values": [u.full_tensor() for u in us],
+            "placements": [tuple(u.placements) for u in us],
+            "grads": [torch.zeros(w.shape) if g is None else g.full_tensor() for g, w in zip(grads, ws)],
+            "grad_placements_kept": all(g is None or g.placements == w.placements for g, w in zip(grads, ws)),
+            "comms": {str(k).split(".")[-1]: v for k, v in comms.get_comm_counts().items()},
+        }
+    bucket, leaf = runs["bucket"], runs["leaf"]
+    return {
+        "values_equal": all(torch.equal(a, b) for a, b in zip(bucket["values"], leaf["values"])),
+        "placements_equal": bucket["placements"] == leaf["placements"],
+        "grads_close": all(torch.allclose(a, b, atol=1e-5) for a, b in zip(bucket["grads"], leaf["grads"])),
+        "grads_nonzero": sum(bool(g.abs().sum() > 0) for g in bucket["grads"]),
+        "grad_placements_kept": bucket["grad_placements_kept"] and leaf["grad_placements_kept"],
+        "leaves": len(bucket["values"]),
+        "comms": {"bucket": bucket["comms"], "leaf": leaf["comms"]},
+    }
 
 
 def _four_ranks() -> dict:
@@ -142,6 +182,33 @@ def _four_ranks() -> dict:
             tuple(gw.placements),
             torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw.full_tensor(), rw, atol=1e-5),
         )
+
+    # use_params buckets a tree's collectives: the values, placements and gradients of use_param leaf by leaf,
+    # with fewer collectives (fsdp=4 with an uneven leaf and Shard(1) weights, fsdp x tp, dp x fsdp)
+    hsdp = make_mesh({"dp": 2, "fsdp": 2})
+    cases = {
+        "fsdp4": (mesh1, [*RULES_FSDP, ("act_batch", "fsdp")], odd, odd_axes),
+        "2x2": (mesh2, RULES_2D, params, axes),
+        "hsdp": (hsdp, [*RULES_FSDP, ("act_batch", ("dp", "fsdp"))], params, axes),
+    }
+    out["use_params"] = {name: _use_params_report(*case) for name, case in cases.items()}
+
+    # cross entropy on rows split over fsdp=4 (5 rows: 2, 2, 1, 0 per rank; the vocab whole): row-local
+    logits, targets = random.normal(random.key(3), (5, 7)), torch.tensor([1, -100, 3, 6, 0])
+    x = logits.clone().requires_grad_()
+    with use_mesh(mesh1, [("act_batch", "fsdp")]):
+        rows, t = constrain(x, ("act_batch", None)), constrain(targets, ("act_batch",))
+        none, total = cross_entropy(rows, t, reduction="none"), cross_entropy(rows, t)
+    (gx,) = torch.autograd.grad(total.full_tensor() * 2, x)
+    xr = logits.clone().requires_grad_()
+    ref = F.cross_entropy(xr, targets, reduction="none")
+    (gr,) = torch.autograd.grad(ref.sum() * 2, xr)
+    out["row_cross_entropy"] = (
+        tuple(none.placements),
+        torch.allclose(none.full_tensor(), ref, atol=1e-6),
+        abs(float(total.full_tensor()) - float(ref.sum())) < 1e-5,
+        torch.allclose(gx, gr, atol=1e-6),
+    )
 
     # sharded init: equal to plain init, no full tensor kept alive, abstract init agrees on layout and memory
     for name, mesh, rules in (("2x2", mesh2, RULES_2D), ("fsdp4", mesh1, RULES_FSDP)):
@@ -227,6 +294,30 @@ def test_sharded_and_abstract_init(four):
         assert all(four[f"sharded_init_{name}"]), name
         assert all(four[f"sharded_init_compact_{name}"]), name
         assert all(all(checks) for checks in four[f"abstract_{name}"]), name
+
+
+def test_use_params_buckets_the_collectives(four):
+    for name in four["use_params"][0]:
+        for report in (r[name] for r in four["use_params"]):
+            assert report["values_equal"] and report["placements_equal"], name
+            assert report["grads_close"] and report["grad_placements_kept"], name
+            assert report["grads_nonzero"] == report["leaves"] - 1, name  # every leaf but the unused one
+    c = {name: four["use_params"][0][name]["comms"] for name in four["use_params"][0]}
+    ag, rs, ar = "all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"
+    # fsdp=4: all 10 leaves (one uneven, some split on dim 1) in one all-gather, 9 gradients in one reduce-scatter
+    assert c["fsdp4"]["leaf"][ag] == 10 and c["fsdp4"]["leaf"][rs] == 9
+    assert c["fsdp4"]["bucket"] == {ag: 1, rs: 1, ar: c["fsdp4"]["leaf"][ar]}  # ar: the loss only
+    # fsdp x tp: the 7 weights split over fsdp and tp share one buffer; the embedding (vocab over fsdp x tp:
+    # nested chunks) keeps its own 2 all-gathers, the replicated norm none; tp all-reduces are unchanged
+    assert c["2x2"]["bucket"] == {ag: 1 + 2, rs: 1, ar: c["2x2"]["leaf"][ar]}
+    # dp x fsdp: one all-gather, one reduce-scatter over fsdp and one all-reduce over dp for the whole tree
+    assert c["hsdp"]["bucket"][ag] == c["hsdp"]["bucket"][rs] == 1
+    assert c["hsdp"]["leaf"][ar] - c["hsdp"]["bucket"][ar] == 8 - 1
+
+
+def test_cross_entropy_on_split_rows(four):
+    # the rows' losses stay split like the rows; the sum and the gradient are the single-process ones
+    assert all(r == ((S(0),), True, True, True) for r in four["row_cross_entropy"])
 
 
 def _bad_mesh():

@@ -547,12 +547,15 @@ def _block_no_cache(p, x, cfg, cos_sin, mask, is_causal):
 
 def _head(params, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
     """Final norm and output projection: ``[B, T, D] -> [B, T, V]``."""
-    h = nn.norms.rms_norm(parallelism.use_params(params["final_norm"]), h, cfg.norm_eps)
+    out = "embed" if cfg.tie_embeddings else "lm_head"
+    # one use_params call: under FSDP the norm and the output projection share one all-gather / reduce-scatter
+    p = parallelism.use_params({"final_norm": params["final_norm"], out: params[out]})
+    h = nn.norms.rms_norm(p["final_norm"], h, cfg.norm_eps)
     h = constrain(h, _BLOCK_IN)
     if cfg.tie_embeddings:
-        logits = nn.embedding.attend(parallelism.use_params(params["embed"]), h)
+        logits = nn.embedding.attend(p[out], h)
     else:
-        logits = nn.linear.apply(parallelism.use_params(params["lm_head"]), h)
+        logits = nn.linear.apply(p[out], h)
     return constrain(logits, ("act_batch", "act_seq", "act_vocab"))  # vocab-parallel under tp
 
 

@@ -40,8 +40,9 @@ weight's own layout (tests/test_parallelism_dist.py checks both).
 Training a model on a mesh (``functional_mm.models.llama`` is the worked example): ``shard`` the params with the
 model's rules (``llama.default_rules()``: FSDP, Megatron TP with sequence parallelism, DP, HSDP); inside the
 model, :func:`use_param` / :func:`use_params` bring each layer's weights to their compute layout (gathered over
-the data axes ``dp``/``fsdp``, still split over ``tp``; gradients come back reduce-scattered / all-reduced)
-and :func:`constrain` pins activations; :func:`cross_entropy` is vocab-parallel on logits split over the
+the data axes ``dp``/``fsdp``, still split over ``tp``; gradients come back reduce-scattered / all-reduced;
+``use_params`` moves a whole layer's weights in one all-gather and its gradients in one reduce-scatter, as
+FSDP2's flat buffer per layer does, see ``_bucket.py``) and :func:`constrain` pins activations; :func:`cross_entropy` is vocab-parallel on logits split over the
 vocabulary; :func:`shard_batch` places a batch. Run the step inside ``use_mesh(mesh, rules)``. Optimizer
 state built from sharded params keeps their placements (DTensor foreach ops), so under FSDP no rank holds a
 full replica of params or optimizer state outside a layer's use. Within a step, autograd keeps each layer's

@@ -4,8 +4,9 @@ The execution model is GSPMD's: parameters live sharded (over ``fsdp`` for memor
 at use, :func:`use_param` gathers the *data* mesh axes (``dp``, ``fsdp``) and keeps the ``tp`` split, so a
 matmul runs on whole-in-fsdp, tp-split weights against batch-sharded activations. The gather is an explicit
 ``redistribute``, whose backward sends the weight's gradient back to the weight's own placements: Partial
-over ``fsdp`` becomes a reduce-scatter (ZeRO-3), Partial over ``dp`` an all-reduce (DDP), both in one
-collective per weight. Without a mesh every function here returns its input unchanged.
+over ``fsdp`` becomes a reduce-scatter (ZeRO-3), Partial over ``dp`` an all-reduce (DDP), one collective per
+weight. :func:`use_params` does the same for a whole layer with one collective per layer (its weights packed
+in one buffer, ``_bucket.py``). Without a mesh every function here returns its input unchanged.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from functional_mm import pytree
+from functional_mm.parallelism._bucket import bucket_key, gather_bucket
 from functional_mm.parallelism._mesh import current
 from functional_mm.parallelism._rules import Rules, logical_to_placements
 from functional_mm.parallelism._shard import constrain
@@ -60,8 +62,37 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
 
 
 def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:
-    """:func:`use_param` on every tensor leaf of ``tree`` (one layer's parameters, say)."""
-    return pytree.tree_map(lambda x: use_param(x, gather) if isinstance(x, torch.Tensor) else x, tree)
+    """:func:`use_param` on every tensor leaf of ``tree`` (one layer's parameters, say), with the collectives
+    bucketed: the leaves laid out alike (e.g. every weight of a block split over ``fsdp``) are all-gathered in
+    one collective and their gradients reduce-scattered in one (plus one all-reduce per replicated data axis:
+    ``dp`` under HSDP, or the whole bucket under plain DP), as FSDP2's per-layer flat buffer does. The values
+    and gradients are those of :func:`use_param`; only the number of collectives changes (see ``_bucket.py``
+    for the layout and for the leaves that keep the per-leaf path). Under ``torch.compile`` every leaf takes
+    the per-leaf path (the compiler schedules and may fuse those collectives itself).
+
+    Example::
+
+        >>> p = use_params(shard(params, axes, mesh, rules)["layers"][0])  # one all-gather for the block  # doctest: +SKIP
+    """
+    leaves, treedef = pytree.flatten(tree)
+    out = list(leaves)
+    buckets: dict[tuple, list[int]] = {}
+    compiling = torch.compiler.is_compiling()
+    for i, x in enumerate(leaves):
+        if not isinstance(x, torch.Tensor):
+            continue
+        key = None if compiling or not isinstance(x, DTensor) else bucket_key(x, gather)
+        if key is None:
+            out[i] = use_param(x, gather)
+        else:
+            buckets.setdefault(key, []).append(i)  # insertion order: the same bucket order on every rank
+    for key, idx in buckets.items():
+        if len(idx) == 1:  # one collective either way
+            out[idx[0]] = use_param(leaves[idx[0]], gather)
+            continue
+        for i, x in zip(idx, gather_bucket([leaves[i] for i in idx], key[0])):
+            out[i] = x
+    return pytree.unflatten(treedef, out)
 
 
 def shard_batch(
@@ -120,7 +151,9 @@ def cross_entropy(
     (``tp``, Megatron's vocab-parallel loss) are never gathered: each rank takes the max, the sum of
     exponentials and the target logit over its own slice of the vocabulary and only ``[N]``-sized vectors are
     all-reduced. Rows may be split too (data axes); ``targets`` must be a DTensor split like the rows of
-    ``logits`` and whole over the vocab's axis. With ``"sum"`` the result is a replicated 0-d DTensor.
+    ``logits`` and whole over the vocab's axis. With ``"sum"`` the result is a replicated 0-d DTensor. When
+    only the rows are split (FSDP / DP: the vocab whole on every rank), each rank runs ``F.cross_entropy`` on
+    its own rows (one fused kernel, as in a single process) and only the ``"sum"`` is all-reduced.
 
     Example::
 
@@ -135,6 +168,8 @@ def cross_entropy(
         raise TypeError("cross_entropy: DTensor logits need DTensor targets (constrain them like the rows)")
     logits = logits.float()
     mesh = logits.device_mesh
+    if _rows_only(logits, targets):
+        return _local_cross_entropy(logits, targets, ignore_index, reduction)
     valid = targets != ignore_index  # [N]
     safe = torch.where(valid, targets, torch.zeros_like(targets))
     # The max only stabilises exp(): no gradient through it (it cancels), and reduce it explicitly
@@ -152,6 +187,30 @@ def cross_entropy(
         return loss
     total = loss.sum()
     return total.redistribute(mesh, [Replicate()] * mesh.ndim)
+
+
+def _rows_only(logits: DTensor, targets: DTensor) -> bool:
+    """True when ``logits`` are split over rows only (whole over the vocab) and ``targets`` split alike."""
+    return tuple(targets.placements) == tuple(logits.placements) and all(
+        p.is_replicate() or (type(p) is Shard and p.dim == 0) for p in logits.placements
+    )
+
+
+def _local_cross_entropy(logits: DTensor, targets: DTensor, ignore_index: int, reduction: str) -> DTensor:
+    # to_local / from_local are differentiable: the gradient of the local logits comes back in their placements
+    mesh = logits.device_mesh
+    loss = F.cross_entropy(
+        logits.to_local(), targets.to_local(), ignore_index=ignore_index, reduction=reduction
+    )  # [N_local] or 0-d
+    if reduction == "none":
+        return DTensor.from_local(
+            loss, mesh, targets.placements, run_check=False, shape=targets.shape, stride=targets.stride()
+        )
+    # each rank's sum over its rows: Partial over the row-splitting axes, then one all-reduce of a scalar
+    partial = [Partial() if p.is_shard() else Replicate() for p in logits.placements]
+    return DTensor.from_local(loss, mesh, partial, run_check=False).redistribute(
+        mesh, [Replicate()] * mesh.ndim
+    )
 
 
 def _unpartial(p):

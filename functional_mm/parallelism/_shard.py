@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, distribute_tensor
 
@@ -161,7 +162,14 @@ def gather(tree: PyTree) -> PyTree:
         >>> all(torch.equal(a, b) for a, b in zip(pytree.leaves(full), pytree.leaves(params)))  # doctest: +SKIP
         True
     """
-    return pytree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
+    return pytree.tree_map(_whole_and_waited, tree)
+
+
+def _whole_and_waited(x: Any) -> Any:
+    # Bucketed gradients are views of an in-flight async collective: wait, so the result owns real storage
+    # (it may be pickled, saved or handed to another thread).
+    x = x.full_tensor() if isinstance(x, DTensor) else x
+    return x.wait() if isinstance(x, funcol.AsyncCollectiveTensor) else x
 
 
 unshard = gather
