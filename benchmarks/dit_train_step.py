@@ -1,0 +1,210 @@
+"""One SD3-like MMDiT flow-matching training step: ours (eager and compiled) vs diffusers
+SD3Transformer2DModel + torch.optim.AdamW (eager, and ``torch.compile``d unless ``--no-hf-compile``).
+
+The diffusers model is built from our config (``config_to_hf``) and our params are converted from its weights,
+so every side starts from the same weights. Each step draws one batch (latents, text tokens, pooled text) and
+the flow-matching noise and sigmas from explicit keys: ours inside the step (``diffusion.flow_matching_loss``
+on ``state.key``), the reference gets the same noise and sigmas precomputed (untimed) and does the noising and
+the loss the way diffusers' SD3 training script does. Sides are interleaved (a different one first every
+step); the median and the minimum of ``--steps`` timed steps are compared. On a machine shared with other
+jobs, ``--threads 1`` gives repeatable figures: with 2 threads an op waits for whichever of its threads was
+descheduled, which makes the median depend on the neighbours' load.
+
+    .venv/bin/python benchmarks/dit_train_step.py [--steps 10] [--layers 4] [--heads 4] [--batch 4]
+        [--no-hf-compile] [--only SIDE] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import resource
+import statistics
+import time
+
+import diffusers
+import torch
+
+from functional_mm import diffusion, optim, random
+from functional_mm.models import mmdit
+from functional_mm.models.hf import mmdit as hf_mmdit
+from functional_mm.train import TrainState, make_train_step
+
+SIDES = ("diffusers eager", "diffusers compiled", "ours eager", "ours compiled")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--latent", type=int, default=32, help="latent height = width (16 channels)")
+    ap.add_argument("--context", type=int, default=77, help="text tokens")
+    ap.add_argument("--context-dim", type=int, default=512)
+    ap.add_argument("--pooled-dim", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--qk-norm", action="store_true", help="SD3.5's RMS-normalised q/k")
+    ap.add_argument("--no-hf-compile", action="store_true", help="skip the torch.compile'd diffusers column")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=SIDES,
+        help="run only this side (repeatable): peak RSS is a per-process high-water mark, so a side's own "
+        "peak needs a process of its own",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = mmdit.MMDiTConfig(
+        sample_size=args.latent, patch_size=2, in_channels=16, num_layers=args.layers, num_heads=args.heads,
+        head_dim=args.head_dim, joint_attention_dim=args.context_dim, pooled_projection_dim=args.pooled_dim,
+        pos_embed_max_size=args.latent // 2, qk_norm="rms_norm" if args.qk_norm else None,
+    )  # fmt: skip
+    fm = diffusion.FlowMatchingConfig(shift=3.0)  # SD3: logit-normal u, discrete schedule shifted by 3
+    lr, wd = 1e-4, 1e-2
+
+    # The reference at diffusers' own init; ours converted from its weights.
+    torch.manual_seed(0)
+    hf = diffusers.SD3Transformer2DModel(
+        **{k: v for k, v in hf_mmdit.config_to_hf(cfg).items() if k[0] != "_"}
+    )
+    params = hf_mmdit.from_hf_state_dict(hf.state_dict(), cfg)
+
+    def loss_fn(p, batch, key):
+        velocity = lambda x, t: mmdit.apply(p, cfg, x, t, batch["context"], batch["pooled"])
+        return diffusion.flow_matching_loss(velocity, batch["latents"], key, fm)[0]
+
+    tx = optim.adamw(lr, weight_decay=wd)
+    sides = {
+        "diffusers eager": lambda: _theirs(hf.train(), lr, wd),
+        # its own copy of the weights when the eager side trains `hf` too
+        "diffusers compiled": lambda: _theirs(
+            torch.compile((copy.deepcopy(hf) if "diffusers eager" in runs else hf).train()), lr, wd
+        ),
+        "ours eager": lambda: _ours(make_train_step(loss_fn, tx, compile=False), params, tx),
+        "ours compiled": lambda: _ours(make_train_step(loss_fn, tx, compile=True), params, tx),
+    }
+    if args.no_hf_compile:
+        del sides["diffusers compiled"]
+    rss_setup = _rss_mib()  # both models built; optimizer states are allocated below / at the first step
+    runs = {}
+    for name, make in sides.items():
+        if not args.only or name in args.only:
+            runs[name] = make()
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    first_s: dict[str, float] = {}
+    losses: dict[str, list[float]] = {k: [] for k in runs}
+    key = random.key(2)  # the state key every side's step i sees (ours advances its own copy in the state)
+    t_start = time.perf_counter()
+    for i in range(args.warmup + args.steps):
+        batch = _batch(random.fold_in(random.key(1), i), cfg, args)
+        # What make_train_step hands loss_fn for microbatch 0, and what flow_matching_loss draws from it.
+        k_noise, k_t = random.split(random.fold_in(random.split(key)[1], torch.tensor(0)))
+        noise = random.normal(k_noise, batch["latents"].shape)
+        sigmas, timesteps = diffusion.sample_sigmas(k_t, fm, args.batch)
+        key = random.split(key)[0]
+        if i == args.warmup:
+            _reset_peak()
+        names = list(runs)  # a different side goes first every step: no side always follows the batch setup
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            fn = runs[name]
+            t0 = time.perf_counter()
+            losses[name].append(float(fn(batch, noise, sigmas, timesteps)))
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            elif i == 0:
+                first_s[name] = time.perf_counter() - t0
+        if i == 0:
+            print("first-step losses: " + ", ".join(f"{k} {v[0]:.6f}" for k, v in losses.items()), flush=True)
+            l0 = [v[0] for v in losses.values()]
+            assert all(abs(v - l0[0]) < 1e-4 * abs(l0[0]) for v in l0), "first-step losses differ"
+
+    n_img, n_params = (args.latent // 2) ** 2, sum(p.numel() for p in hf.parameters())
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads")
+    print(f"config {cfg}, {n_params / 1e6:.1f}M params")
+    print(
+        f"batch {args.batch} x ({n_img} image + {args.context} text tokens), fp32, AdamW lr {lr} wd {wd}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up; "
+        f"total {time.perf_counter() - t_start:.0f} s (incl. compiles)"
+    )
+    peak, timed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mib("VmHWM")
+    print(
+        f"RSS after setup {rss_setup:.0f} MiB; peak {peak:.0f} MiB ({peak - rss_setup:+.0f}, compiles "
+        f"included), during the timed steps {timed:.0f} MiB ({timed - rss_setup:+.0f})"
+    )
+    ref = times.get("diffusers eager")  # ratios are against it (nan when it did not run)
+    base, base_min = (statistics.median(ref), min(ref)) if ref else (float("nan"), float("nan"))
+    for name, ts in times.items():
+        med, best, first = statistics.median(ts), min(ts), first_s.get(name, float("nan"))
+        print(
+            f"{name:19s} median {med * 1e3:7.1f} ms/step (ratio {med / base:4.2f})  min {best * 1e3:7.1f} ms "
+            f"(ratio {best / base_min:4.2f})  first step {first:5.1f} s  loss {losses[name][0]:.5f} -> "
+            f"{losses[name][-1]:.5f}"
+        )
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    """Current (``VmRSS``) or peak (``VmHWM``) resident memory of this process."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _reset_peak() -> None:
+    """Hand freed heap back to the OS and restart the ``VmHWM`` high-water mark (glibc, Linux), so the timed
+    steps' peak excludes what compilation used and freed."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _batch(key, cfg, args):
+    k_x, k_c, k_p = random.split(key, 3)
+    b = args.batch
+    return {
+        "latents": random.normal(k_x, (b, cfg.in_channels, args.latent, args.latent)),
+        "context": random.normal(k_c, (b, args.context, cfg.joint_attention_dim)),
+        "pooled": random.normal(k_p, (b, cfg.pooled_projection_dim)),
+    }
+
+
+def _theirs(model, lr, wd):
+    """The step of diffusers' SD3 training script (``train_dreambooth_sd3.py``), loss weighting "none"."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+
+    def run(batch, noise, sigmas, timesteps):
+        x0 = batch["latents"]
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy = (1.0 - s) * x0 + s * noise
+        opt.zero_grad(set_to_none=True)
+        pred = model(
+            hidden_states=noisy, encoder_hidden_states=batch["context"], pooled_projections=batch["pooled"],
+            timestep=timesteps, return_dict=False,
+        )[0]  # fmt: skip
+        target = noise - x0
+        loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(x0.shape[0], -1), 1).mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return run
+
+
+def _ours(step, params, tx):
+    state = TrainState.create(params, tx, random.key(2))
+
+    def run(batch, *_):  # noise and sigmas come from state.key inside the step
+        nonlocal state
+        state, metrics = step(state, batch)
+        return metrics["loss"]
+
+    return run
+
+
+if __name__ == "__main__":
+    main()
