@@ -441,6 +441,14 @@ def vision_apply(
     )
     mask = None
     lengths = [h * w for t, h, w in grids for _ in range(t)]
+    if len(lengths) > 1 and ctx is None and len(set(lengths)) == 1:
+        # Frames of one size (fixed-size images, one bucket): a batch of F frames with no mask, F times less
+        # attention work than one masked [N, N] sequence. The mesh path keeps the single sequence (its layout
+        # splits the patch dim).
+        f, d = len(lengths), x.shape[-1]
+        x = x.reshape(f, lengths[0], d)  # [F, L, D]: frames are contiguous in processor order
+        cos_sin = tuple(c.reshape(f, lengths[0], -1) for c in cos_sin)
+        lengths = [n]
     if len(lengths) > 1:  # one segment per frame; a full [N, N] mask is the price of a single sdpa call
         seg = torch.repeat_interleave(
             torch.arange(len(lengths), device=x.device), torch.tensor(lengths, device=x.device)
@@ -452,7 +460,7 @@ def vision_apply(
         x = block(p, x, cfg.block_spec, cos_sin, mask)
     m = parallelism.use_params(params["merger"])
     # The merger groups m x m neighbouring patches: it needs them all (gathered along the patches under tp).
-    x = constrain(x, _V_BLOCK_IN)[0]
+    x = constrain(x, _V_BLOCK_IN).reshape(n, -1)
     x = nn.norms.layer_norm(m["norm"], x, cfg.norm_eps).reshape(-1, cfg.merge_dim)  # [N / m^2, m^2 D]
     x = nn.linear.apply(m["fc2"], F.gelu(nn.linear.apply(m["fc1"], x)))  # column- then row-parallel
     return constrain(x, _V_BLOCK_IN[1:])  # replicated: every rank's rows pick their images' tokens
