@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import resource
-import statistics
 import time
 
 import diffusers
 import torch
+from _step_report import print_results, reset_peak, rss_mib  # benchmarks/ is the script's directory
 
 from functional_mm import diffusion, optim, random
 from functional_mm.models import mmdit
@@ -91,7 +89,7 @@ def main():
     }
     if args.no_hf_compile:
         del sides["diffusers compiled"]
-    rss_setup = _rss_mib()  # both models built; optimizer states are allocated below / at the first step
+    rss_setup = rss_mib()  # both models built; optimizer states are allocated below / at the first step
     runs = {}
     for name, make in sides.items():
         if not args.only or name in args.only:
@@ -110,7 +108,7 @@ def main():
         sigmas, timesteps = diffusion.sample_sigmas(k_t, fm, args.batch)
         key = random.split(key)[0]
         if i == args.warmup:
-            _reset_peak()
+            reset_peak()
         names = list(runs)  # a different side goes first every step: no side always follows the batch setup
         for name in names[i % len(names) :] + names[: i % len(names)]:
             fn = runs[name]
@@ -133,34 +131,7 @@ def main():
         f"median of {args.steps} steps after {args.warmup} warm-up; "
         f"total {time.perf_counter() - t_start:.0f} s (incl. compiles)"
     )
-    peak, timed = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _rss_mib("VmHWM")
-    print(
-        f"RSS after setup {rss_setup:.0f} MiB; peak {peak:.0f} MiB ({peak - rss_setup:+.0f}, compiles "
-        f"included), during the timed steps {timed:.0f} MiB ({timed - rss_setup:+.0f})"
-    )
-    ref = times.get("diffusers eager")  # ratios are against it (nan when it did not run)
-    base, base_min = (statistics.median(ref), min(ref)) if ref else (float("nan"), float("nan"))
-    for name, ts in times.items():
-        med, best, first = statistics.median(ts), min(ts), first_s.get(name, float("nan"))
-        print(
-            f"{name:19s} median {med * 1e3:7.1f} ms/step (ratio {med / base:4.2f})  min {best * 1e3:7.1f} ms "
-            f"(ratio {best / base_min:4.2f})  first step {first:5.1f} s  loss {losses[name][0]:.5f} -> "
-            f"{losses[name][-1]:.5f}"
-        )
-
-
-def _rss_mib(field: str = "VmRSS") -> float:
-    """Current (``VmRSS``) or peak (``VmHWM``) resident memory of this process."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def _reset_peak() -> None:
-    """Hand freed heap back to the OS and restart the ``VmHWM`` high-water mark (glibc, Linux), so the timed
-    steps' peak excludes what compilation used and freed."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    print_results(times, first_s, losses, "diffusers eager", rss_setup)
 
 
 def _batch(key, cfg, args):
