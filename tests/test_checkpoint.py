@@ -5,6 +5,7 @@ import os
 from typing import NamedTuple
 
 import pytest
+import tensorstore as ts
 import torch
 
 from functional_mm import checkpoint, optim, pytree, random
@@ -145,6 +146,36 @@ def test_large_tensor_spans_several_files_and_partial_reads(tmp_path, monkeypatc
         assert torch.equal(mgr.restore(1, targets={"s": {"w": torch.empty(64, 32)}})["s"]["w"], w)
 
 
+@pytest.mark.parametrize("mode", ["memmap", "default"])
+def test_restore_reads_in_chunk_aligned_pieces(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(_layout, "SHARD_FILE_BYTES", 4096)
+    monkeypatch.setattr(_layout, "INNER_CHUNK_BYTES", 1024)  # [64, 32] f32: inner chunks of 8 rows
+    monkeypatch.setattr(_item, "READ_PIECE_BYTES", 2048)  # two chunks a piece
+    monkeypatch.setattr(_item, "MAX_READ_INFLIGHT_BYTES", 3000)  # at most one piece in flight
+    monkeypatch.setattr(_item, "FILE_IO_MODE", mode)
+    w = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32)
+    with checkpoint.CheckpointManager(tmp_path, Options(async_save=False)) as mgr:
+        mgr.save(1, {"s": {"w": w, "v": torch.arange(5.0)}})
+        got = mgr.restore(1, targets={"s": {"w": torch.empty(64, 32), "v": torch.empty(5)}})["s"]
+        assert torch.equal(got["w"], w) and torch.equal(got["v"], torch.arange(5.0))
+    store = ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "1" / "s" / "w")}}
+    ).result()
+    region = store[5:43, 3:30]  # an unaligned box, as a resharded DTensor target has
+    pieces = _item._read_pieces(region, 4)
+    rows = [p[0] for p in pieces]
+    assert all(p[1] == slice(0, 27) for p in pieces)  # cut along the leading dim only
+    # cut at the global multiples of 16 rows (2 chunks of 8): 5..16, 16..32, 32..43
+    assert rows == [slice(0, 11), slice(11, 27), slice(27, 38)]
+    monkeypatch.setattr(_item, "READ_PIECE_BYTES", 100)  # smaller than a chunk row: cut the next dim too
+    pieces = _item._read_pieces(region, 4)
+    covered = torch.zeros(38, 27, dtype=torch.int32)
+    for p in pieces:
+        covered[p] += 1
+        assert all((s.start + o) % 8 == 0 or s.start == 0 for s, o in zip(p[:1], (5,)))
+    assert bool((covered == 1).all())  # the pieces tile the region exactly
+
+
 def test_chunk_grid_follows_uneven_and_nested_splits():
     assert _layout._split_points(10, [4]) == {0, 3, 6, 9, 10}
     assert _layout._split_points(10, [2, 2]) == {0, 3, 5, 8, 10}  # nested torch.chunk: 3, 2, 3, 2
@@ -210,6 +241,39 @@ def test_async_save_snapshots_before_returning(tmp_path):
         w.add_(1.0)  # a donating step right after save: the checkpoint keeps the values at save time
         mgr.wait_until_finished()
         assert torch.equal(mgr.restore(1)["s"]["w"], torch.zeros(256, 256))
+
+
+def test_async_host_copies_are_reused_by_the_next_save(tmp_path, monkeypatch):
+    w, h = torch.zeros(256, 256), torch.zeros(8, dtype=torch.bfloat16)
+    real = _item.write_shards
+
+    def slow(*a, **kw):  # the donating step below lands while each save is still writing
+        import time
+
+        time.sleep(0.2)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_item, "write_shards", slow)
+    with checkpoint.CheckpointManager(tmp_path) as mgr:
+        ptrs = []
+        for step in (1, 2, 3):
+            mgr.save(step, {"s": {"w": w, "h": h}})
+            ptrs.append(mgr._host_buffers["s"]["w"].data_ptr())
+            w.add_(1.0)  # in place, while the save is in flight
+            h.add_(1.0)
+        mgr.wait_until_finished()
+        assert ptrs[0] == ptrs[1] == ptrs[2]  # one host copy, reused
+        for step in (1, 2, 3):
+            got = mgr.restore(step)["s"]
+            assert torch.equal(got["w"], torch.full((256, 256), step - 1.0)), step
+            assert torch.equal(got["h"], torch.full((8,), step - 1.0, dtype=torch.bfloat16)), step
+        mgr.save(4, {"s": {"w": torch.zeros(3, 3)}})  # another shape: a new copy, the old one dropped
+        assert list(mgr._host_buffers["s"]) == ["w"] and mgr._host_buffers["s"]["w"].shape == (3, 3)
+    assert mgr._host_buffers == {}
+    with checkpoint.CheckpointManager(tmp_path, Options(reuse_host_buffers=False)) as mgr:
+        mgr.save(5, {"s": {"w": w}})
+        assert mgr._host_buffers == {}
+        mgr.wait_until_finished()
 
 
 def test_async_without_copy_refuses_torn_data(tmp_path, monkeypatch):

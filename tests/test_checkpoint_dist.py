@@ -6,6 +6,7 @@ directory) and checks what the ranks wrote (files on disk, a single-process rest
 sharded export). The tests below assert on parts of that report.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -89,6 +90,16 @@ def _trees_equal(got, want) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _pread_reads():
+    """Restores read files with pread inside: tensorstore's byte counters do not see memory-mapped reads."""
+    mode, _item.FILE_IO_MODE = _item.FILE_IO_MODE, "default"
+    try:
+        yield
+    finally:
+        _item.FILE_IO_MODE = mode
+
+
 def _file_bytes(kind: str) -> int:
     for m in ts.experimental_collect_matching_metrics(f"/tensorstore/kvstore/file/bytes_{kind}"):
         return sum(v["value"] for v in m["values"])
@@ -151,7 +162,8 @@ def _four_ranks(root: str, hf_dir: str) -> dict:
     target_f = _sharded(full, axes, mesh_f, RULES_FSDP)
     with checkpoint.CheckpointManager(os.path.join(root, "single")) as mgr:
         before = _file_bytes("read")
-        got = mgr.restore(1, targets={"state": target_f})["state"]
+        with _pread_reads():
+            got = mgr.restore(1, targets={"state": target_f})["state"]
         out["read_1to4"] = _file_bytes("read") - before
     out["restore_1to4"] = _trees_equal(got, full) and isinstance(
         got["train"].params["embed"]["weight"], DTensor
@@ -174,7 +186,8 @@ def _four_ranks(root: str, hf_dir: str) -> dict:
     abstract_params, _ = abstract_init(_boxed, random.key(0), mesh=mesh_2, rules=RULES_2D, allow_uneven=True)
     meta_target = {**target_2, "train": target_2["train"]._replace(params=abstract_params)}
     before = _file_bytes("read")
-    got2 = mgr.restore(2, targets={"state": meta_target, "meta": None})
+    with _pread_reads():
+        got2 = mgr.restore(2, targets={"state": meta_target, "meta": None})
     out["read_4to2x2"] = _file_bytes("read") - before
     out["restore_4to2x2"] = _trees_equal(got2["state"], full)
     out["meta_item"] = got2["meta"]
@@ -279,7 +292,7 @@ def test_each_rank_reads_about_its_share(report):
     total = report["total_bytes"]
     for r in report["per_rank"]:
         # a quarter of the sharded arrays, the replicated ones whole, plus zarr.json / index reads
-        assert r["read_1to4"] < 0.35 * total, (r, total)
+        assert 0.15 * total < r["read_1to4"] < 0.35 * total, (r, total)
         assert r["read_4to2x2"] < 0.35 * total, (r, total)
     assert sum(r["read_1to4"] for r in report["per_rank"]) < 1.2 * total
 

@@ -12,7 +12,10 @@ zarr3, or its default OCDBT database).
 - A step is written into ``<step>.orbax-checkpoint-tmp`` and renamed once every process has finished: a listed
   step is always complete, and temporaries left by a crash are deleted when the next manager starts.
 - Async by default: ``save`` returns once the data is on the host and a background thread writes and commits;
-  errors surface at the next ``save`` / ``wait_until_finished``.
+  errors surface at the next ``save`` / ``wait_until_finished``. The host copy goes into the previous save's
+  buffers when they fit, so a training run's saves after the first block only for a memcpy.
+- Restores memory-map the files and let tensorstore check every chunk's crc32c and copy it straight into the
+  output tensor, in chunk-aligned pieces of all arrays at once (bounded bytes in flight).
 
 Why one folder per array rather than orbax's default OCDBT database: processes write disjoint files directly,
 so there is nothing to merge at commit and no single manifest to contend on; a restore opens exactly the

@@ -47,6 +47,11 @@ class CheckpointManagerOptions:
       (no blocking, no extra memory); an in-place change that torch records on a tensor before its write
       finished makes that save fail instead of committing mixed data. Accelerator tensors are always copied
       to host (that copy is the snapshot).
+    - ``reuse_host_buffers``: keep an async save's host copies (``host_copy`` and accelerator tensors) once it
+      has finished, and copy the next save into them: memory that is already mapped copies several times
+      faster than new memory (on the 2-core dev VM, 1 GiB in ~0.1 s instead of ~0.8 s), so only the first save
+      blocks for the page faults. The manager then holds one host copy of the saved shards between saves
+      (the peak is the same as without: each save needs that copy while it writes); ``close`` releases it.
     """
 
     save_interval_steps: int = 1
@@ -56,6 +61,7 @@ class CheckpointManagerOptions:
     best_mode: str = "max"
     async_save: bool = True
     host_copy: bool = True
+    reuse_host_buffers: bool = True
 
     def __post_init__(self):
         if self.save_interval_steps < 1:
@@ -119,6 +125,8 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._inflight_step: int | None = None
         self._metrics_cache: dict[int, dict[str, Any] | None] = {}
+        # item -> leaf path -> the last async save's host copy (see reuse_host_buffers)
+        self._host_buffers: dict[str, dict[str, torch.Tensor]] = {}
         if self._rank == 0:
             os.makedirs(self.directory, exist_ok=True)
             self._remove_uncommitted()
@@ -210,15 +218,19 @@ class CheckpointManager:
             raise ValueError(f"step {step} already exists in {self.directory}")
         start_ns = time.time_ns()
         copy = self.options.async_save and self.options.host_copy
+        reuse = self.options.async_save and self.options.reuse_host_buffers
         plans: dict[str, Any] = {}
         for name, value in items.items():
             if _contains_tensor(value):
-                plans[name] = _item.plan_save(value, copy=copy)
+                plans[name] = _item.plan_save(value, copy=copy, buffers=self._host_buffers.get(name))
             else:
                 try:
                     plans[name] = json.dumps(value)
                 except TypeError as e:
                     raise TypeError(f"item {name!r} holds no tensor and is not JSON-serialisable: {e}") from e
+        # The previous save has finished (waited for above): its buffers now hold this save's snapshot or are
+        # dropped. Kept only for async saves: a sync save's copies are freed when it returns.
+        self._host_buffers = {n: p.buffers for n, p in plans.items() if reuse and not isinstance(p, str)}
         job_metrics = _jsonable_metrics(metrics)
         args = (step, plans, job_metrics, start_ns)
         if not self.options.async_save:
@@ -260,8 +272,9 @@ class CheckpointManager:
                     continue
                 item_dir = os.path.join(tmp, name)
                 os.makedirs(item_dir, exist_ok=True)
+                world = dist.get_world_size() if self._distributed else 1
                 files = _item.write_shards(
-                    item_dir, plan, create_metadata=self._rank == 0, context=self._context
+                    item_dir, plan, metadata_share=(self._rank, world), context=self._context
                 )
                 files.append(_item.write_array_metadatas(item_dir, plan, self._rank))
                 _item.sync_paths(files)  # durable before this process reports success
@@ -378,6 +391,7 @@ class CheckpointManager:
         try:
             self.wait_until_finished()
         finally:
+            self._host_buffers = {}
             atexit.unregister(self._atexit)
             if self._group is not None and dist.is_initialized():
                 dist.destroy_process_group(self._group)
@@ -431,13 +445,14 @@ class CheckpointManager:
         out: dict[str, Any] = {}
         restores = {}
         mismatches = []
+        context = _item.read_context()
         for n in names:
             item_dir, where = os.path.join(d, n), f"step {step}, item {n!r}"
             if not _item.is_pytree_item(item_dir):
                 out[n] = _item.read_json_item(item_dir, where)
                 continue
             try:
-                restores[n] = _item.plan_restore(item_dir, (targets or {}).get(n), where, self._context)
+                restores[n] = _item.plan_restore(item_dir, (targets or {}).get(n), where, context)
             except _item.TargetMismatchError as e:
                 mismatches.append(str(e))
         if mismatches:
