@@ -80,15 +80,12 @@ def _llama() -> ModelFamily:
     )
 
 
-def _square(cfg_vision, mean_std):
-    """Resize to the tower's square input and normalise: ``image -> ({"pixel_values": [1, C, S, S]}, n)``."""
+def _square(img, size: int, mean_std):
+    """Resize a PIL image to the tower's square input and normalise: ``[1, C, size, size]``."""
     from functional_mm.data import image as image_lib
 
-    def prepare(img):
-        img = image_lib.resize(image_lib.to_rgb(img), (cfg_vision.image_size, cfg_vision.image_size))
-        return image_lib.normalize(image_lib.to_tensor(img), *mean_std)[None]
-
-    return prepare
+    img = image_lib.resize(image_lib.to_rgb(img), (size, size))
+    return image_lib.normalize(image_lib.to_tensor(img), *mean_std)[None]
 
 
 def _decoder_flops(cfg, seq_len: int) -> float:
@@ -108,7 +105,7 @@ def _llava_like(name: str, module_name: str, config_cls: str, mean_std_name: str
     mean_std = getattr(image_lib, mean_std_name)
 
     def image_inputs(cfg, img):
-        return {"pixel_values": _square(cfg.vision, mean_std)(img)}, cfg.num_image_tokens
+        return {"pixel_values": _square(img, cfg.vision.image_size, mean_std)}, cfg.num_image_tokens
 
     return ModelFamily(
         name=name,
@@ -135,7 +132,7 @@ def _llava_like(name: str, module_name: str, config_cls: str, mean_std_name: str
 
 def _qwen2_vl() -> ModelFamily:
     from functional_mm.data import image as image_lib
-    from functional_mm.models import llama, qwen2_vl
+    from functional_mm.models import llama, qwen2_vl, vit
     from functional_mm.models.hf import qwen2_vl as hf
 
     def image_inputs(cfg, img):
@@ -149,6 +146,10 @@ def _qwen2_vl() -> ModelFamily:
             grid.prod()
         ) // v.spatial_merge_size**2
 
+    def check_layout(cfg, mesh, rules):  # the tower and the decoder, before any collective can hang
+        llama.check_layout(cfg.text, mesh, rules)
+        vit.check_layout(cfg.vision, mesh, rules, what="Qwen2-VL vision")
+
     return ModelFamily(
         name="qwen2_vl",
         config_cls=qwen2_vl.Qwen2VLConfig,
@@ -159,7 +160,7 @@ def _qwen2_vl() -> ModelFamily:
         inputs="image_text",
         flops_per_token=_decoder_flops,
         default_rules=qwen2_vl.default_rules,
-        check_layout=lambda cfg, mesh, rules: llama.check_layout(cfg.text, mesh, rules),
+        check_layout=check_layout,
         hf_load=hf.load_pretrained,
         hf_save=hf.save_pretrained,
         hf_name=getattr(hf, "hf_name", None),
