@@ -11,8 +11,9 @@ dominates the 32 samples)::
 - ``tiny``: a 4-block MMDiT on 32x32 RGB pixels (4x4 patches) conditioned by a byte-level CLIP text encoder
   trained with it, logit-normal timesteps, 10% conditioning dropout (for classifier-free guidance);
 - ``sd3_medium`` (2B, mesh ``fsdp8``), ``sd3.5_large`` (8.1B, ``fsdp8``): the denoiser on 16-channel VAE
-  latents of 1024px images (128x128), conditioned by precomputed CLIP-L/G + T5 features (the text
-  encoders stay out of the step); full finetune from ``--config.mode.init_from=/path/transformer`` or
+  latents of 1024px images (128x128), conditioned by precomputed CLIP-L/G + T5 features (the VAE and text
+  encoders stay out of the step: ``--config.data.path=DIR`` with ``train/`` and ``eval/`` feature sets of
+  ``latents`` / ``context`` / ``pooled`` written by ``functional_mm.data.extract_features``); full finetune from ``--config.mode.init_from=/path/transformer`` or
   ``lora`` (LoRA on the attention projections; export with ``functional_mm.lora.save_diffusers``).
 - ``mesh=`` e.g. ``fsdp8``; ``lora``: LoRA-tune instead of full finetuning.
 """

@@ -132,3 +132,29 @@ def test_dominant_colour_metric_reads_the_shape_not_the_background():
     img = synthetic._frame(32, 32, "circle", "blue", 16, 16, 230)
     assert tasks.dominant_colour(img) == "blue"
     assert tasks.dominant_colour(np.full((32, 32, 3), 230, np.uint8)) is None  # nothing saturated
+
+
+def test_text_to_image_trains_on_precomputed_features(tmp_path):
+    from functional_mm.data.features import FeatureWriter
+
+    for split, n in (("train", 8), ("eval", 4)):
+        w = FeatureWriter(str(tmp_path / "feats" / split))
+        for i in range(n):
+            g = torch.Generator().manual_seed(i)
+            w.add(i, {"latents": torch.randn(3, 16, 16, generator=g), "context": torch.randn(5, 16, generator=g),
+                      "pooled": torch.randn(16, generator=g)})  # fmt: skip
+        w.close()
+    c = importlib.import_module("sd3").get_config("tiny")
+    c.model.overrides = dict(
+        text=None, image_size=16,
+        denoiser=dict(num_layers=1, num_heads=2, head_dim=8, sample_size=16, pos_embed_max_size=4,
+                      joint_attention_dim=16, pooled_projection_dim=16),
+    )  # fmt: skip
+    c.data.update(dict(path=str(tmp_path / "feats"), batch_size=4))
+    c.train.update(dict(num_steps=3, log_every=1, eval_every=3, eval_batches=1, compile=False))
+    c.optim.warmup_steps = 1
+    last = loop.train(c, str(tmp_path / "run"))
+    assert last["eval_loss"] > 0 and "colour_accuracy" not in last  # no text encoder: nothing to sample
+    c.data.path = ""
+    with pytest.raises(ValueError, match="set config.data.path to a directory with train/ and eval/ feature"):
+        loop.train(c, str(tmp_path / "run2"))

@@ -9,6 +9,8 @@
 - ``text_to_image`` (SD3 / Flux): the same images with their short label as the prompt ("a red circle"),
   pixels in [-1, 1]. At the end: sample ``config.sample.num_images`` images for ``config.sample.prompts``,
   write them as a PNG grid and report how often the prompted colour dominates (a deterministic pixel test).
+  A variant without a text encoder trains on precomputed features instead (``latents``, ``context``,
+  ``pooled`` from :mod:`functional_mm.data.features`; see :meth:`TextToImageTask.open_sources`).
 
 The images come from ``config.data.path`` (a directory holding ``train/images.jsonl`` and
 ``eval/images.jsonl``); left empty, the embedded dataset is generated once into ``WORKDIR/data``. Every rank
@@ -27,7 +29,10 @@ from PIL import Image
 from functional_mm import random
 from functional_mm.data import Loader, ShuffleBatcher, synthetic, text
 from functional_mm.data import image as image_lib
+from functional_mm.data.features import FeatureSource
 from functional_mm.data.sources import JsonlSource
+
+FEATURE_KEYS = ("latents", "context", "pooled")  # a precomputed text-to-image sample
 
 
 class Task:
@@ -132,8 +137,7 @@ class _ImageTask(Task):
 
     def __init__(self, c, family, model_cfg, workdir):
         super().__init__(c, family, model_cfg, workdir)
-        self.paths = shapes_dataset(c, workdir)
-        self.sources = {split: JsonlSource(p) for split, p in self.paths.items()}
+        self.sources = self.open_sources()
         n = len(self.sources["train"])
         if n < c.data.batch_size:
             raise ValueError(f"config.data.batch_size={c.data.batch_size} exceeds the {n} training images")
@@ -142,6 +146,10 @@ class _ImageTask(Task):
             collate=_concat, num_workers=c.data.num_workers, worker_type="thread",
         )  # fmt: skip
         self._eval: dict[int, dict] = {}
+
+    def open_sources(self) -> dict:
+        """``{"train": source, "eval": source}``: the JSONL manifests of :func:`shapes_dataset`."""
+        return {split: JsonlSource(p) for split, p in shapes_dataset(self.c, self.workdir).items()}
 
     def batch(self, split: str, step: int) -> dict:
         if split == "train":
@@ -259,18 +267,31 @@ def encode_prompts(tokenizer, model_cfg, prompts: list[str]) -> torch.Tensor:
 class TextToImageTask(_ImageTask):
     """Prompted image generation for the SD3 / Flux families (pixels in [-1, 1], prompt = the short label)."""
 
-    def __init__(self, c, family, model_cfg, workdir):
-        if model_cfg.text is None:
+    def open_sources(self) -> dict:
+        """Without a text encoder in the model the batches are precomputed features: ``config.data.path`` holds
+        ``train/`` and ``eval/`` feature directories (:mod:`functional_mm.data.features`, written by
+        ``functional_mm.data.extract_features``) with ``latents`` ``[C, H, W]``, ``context`` ``[T, D]`` and
+        ``pooled`` ``[P]`` per sample (the frozen VAE and text encoders run once, outside the step)."""
+        if self.model_cfg.text is not None:
+            return super().open_sources()
+        if not self.c.data.path:
             raise ValueError(
-                f"config.model.variant={c.model.variant!r} is conditioned on precomputed text features; the "
-                "train loop only feeds prompts to an in-model text encoder so far (use a variant with `text`)"
+                f"config.model.variant={self.c.model.variant!r} has no text encoder: set config.data.path to a "
+                "directory with train/ and eval/ feature sets (latents, context, pooled)"
             )
-        super().__init__(c, family, model_cfg, workdir)
+        return {split: FeatureSource(os.path.join(self.c.data.path, split)) for split in ("train", "eval")}
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return encode_prompts(self.tokenizer, self.model_cfg, prompts)
 
     def process(self, sample: dict, ctx) -> dict:
+        if self.model_cfg.text is None:
+            missing = [k for k in FEATURE_KEYS if k not in sample]
+            if missing:
+                raise ValueError(
+                    f"feature sample {sample.get('index')} lacks {missing} (needs {FEATURE_KEYS})"
+                )
+            return {k: sample[k][None] for k in FEATURE_KEYS}
         img = _load_rgb(sample)
         size = (self.model_cfg.image_size, self.model_cfg.image_size)
         pixels = image_lib.normalize(image_lib.to_tensor(image_lib.resize(img, size)), *image_lib.HALF)
@@ -282,6 +303,8 @@ class TextToImageTask(_ImageTask):
         from functional_mm.models import t2i
 
         s = self.c.sample
+        if self.model_cfg.text is None or not s.prompts:
+            return {}  # features-only runs have no text encoder to turn prompts into conditioning
         prompts = [s.prompts[i % len(s.prompts)] for i in range(s.num_images)]
         images = t2i.sample(
             params, self.model_cfg, self.encode_prompts(prompts), key=random.key(s.seed), num_steps=s.num_steps,
