@@ -866,8 +866,11 @@ def check_sampling(
     top_k: int | None = None,
     top_p: float | None = None,
     on_token: Callable[[torch.Tensor], Any] | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_token: int = 0,
 ) -> None:
-    """Check the decoding arguments of ``generate`` (llama and the VLMs); raises ``ValueError`` naming the bad one."""
+    """Check the decoding arguments of ``generate`` (llama and the VLMs); raises ``ValueError`` naming the bad one.
+    Takes every argument of :func:`decode_loop` after ``first_logits``, so a dict of them can be passed whole."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
@@ -882,6 +885,10 @@ def check_sampling(
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
     if on_token is not None and not callable(on_token):
         raise ValueError(f"generate: on_token must be a callable or None, got {on_token!r}")
+    if isinstance(pad_token, bool) or not isinstance(pad_token, int):
+        raise ValueError(f"generate: pad_token must be an int, got {pad_token!r}")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_tokens):
+        raise ValueError(f"generate: stop_tokens must be ints, got {stop_tokens!r}")
 
 
 def decode_loop(

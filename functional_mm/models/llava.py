@@ -594,35 +594,17 @@ def generate_with(
     tokens: torch.Tensor,
     pixel_values: torch.Tensor | None = None,
     *,
-    max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
-    key: torch.Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    pad_token: int = 0,
-    on_token: Callable[[torch.Tensor], Any] | None = None,
+    **decoding: Any,
 ) -> torch.Tensor:
     """Generation from ``embed_fn(params, cfg, tokens, pixel_values)`` with the decoder ``params["text"]``
-    (:func:`generate_from_embeds`). Shared by the LLaVA-style VLMs' ``generate``."""
-    llama.check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)  # before the vision tower
+    (:func:`generate_from_embeds`); ``decoding``: the decoding arguments of :func:`generate`. Shared by the
+    LLaVA-style VLMs' ``generate``."""
+    llama.check_sampling(**decoding)  # before the vision tower runs
     with torch.no_grad():
         x = embed_fn(params, cfg, tokens, pixel_values)
     return generate_from_embeds(
-        params["text"],
-        cfg.text,
-        tokens,
-        x,
-        max_new_tokens=max_new_tokens,
-        attention_mask=attention_mask,
-        key=key,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop_tokens=stop_tokens,
-        pad_token=pad_token,
-        on_token=on_token,
+        params["text"], cfg.text, tokens, x, attention_mask=attention_mask, **decoding
     )
 
 
@@ -632,24 +614,17 @@ def generate_from_embeds(
     tokens: torch.Tensor,
     inputs_embeds: torch.Tensor,
     *,
-    max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
-    key: torch.Tensor | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    pad_token: int = 0,
-    on_token: Callable[[torch.Tensor], Any] | None = None,
+    **decoding: Any,
 ) -> torch.Tensor:
     """Decoding of a Llama/Qwen2 decoder from a prompt given as embeddings (``inputs_embeds: [B, T, D]``,
-    ``tokens: [B, T]`` its ids): ``-> [B, T + n]``; the decoding arguments are those of :func:`generate`.
-    Shared by the LLaVA-style VLMs."""
-    llama.check_sampling(max_new_tokens, key, temperature, top_k, top_p, on_token)
+    ``tokens: [B, T]`` its ids): ``-> [B, T + n]``; ``decoding``: the decoding arguments of :func:`generate`
+    (those of :func:`functional_mm.models.llama.decode_loop`). Shared by the LLaVA-style VLMs."""
+    llama.check_sampling(**decoding)
     b, t = tokens.shape
     with torch.no_grad():
         cache = llama.init_cache(
-            text_cfg, b, t + max_new_tokens, dtype=inputs_embeds.dtype, device=tokens.device
+            text_cfg, b, t + decoding["max_new_tokens"], dtype=inputs_embeds.dtype, device=tokens.device
         )
         logits, cache = llama.decode(
             text_params, text_cfg, None, cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds
@@ -660,16 +635,5 @@ def generate_from_embeds(
             out, state["cache"] = llama.decode(text_params, text_cfg, nxt.to(tokens.dtype), state["cache"])
             return out
 
-        new = llama.decode_loop(
-            step,
-            logits,
-            max_new_tokens=max_new_tokens,
-            key=key,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            stop_tokens=stop_tokens,
-            pad_token=pad_token,
-            on_token=on_token,
-        )
+        new = llama.decode_loop(step, logits, **decoding)
     return torch.cat([tokens, new.to(tokens.dtype)], dim=1)

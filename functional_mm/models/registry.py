@@ -59,6 +59,13 @@ class ModelFamily:
         return self.config_cls.variant(variant, **dict(overrides or {}))
 
 
+def _keyless(loss):
+    """A deterministic loss in the family signature (the per-step ``key`` is not needed)."""
+    return lambda params, cfg, batch, *, key, remat_policy=None: loss(
+        params, cfg, batch, remat_policy=remat_policy
+    )
+
+
 def _llama() -> ModelFamily:
     from functional_mm.models import llama
     from functional_mm.models.hf import llama as hf
@@ -67,9 +74,7 @@ def _llama() -> ModelFamily:
         name="llama",
         config_cls=llama.LlamaConfig,
         init_boxed=llama.init_boxed,
-        loss=lambda p, cfg, batch, *, key, remat_policy=None: llama.loss(
-            p, cfg, batch, remat_policy=remat_policy
-        ),
+        loss=_keyless(llama.loss),
         flops_per_token=llama.flops_per_token,
         default_rules=llama.default_rules,
         check_layout=llama.check_layout,
@@ -111,9 +116,7 @@ def _llava_like(name: str, module_name: str, config_cls: str, mean_std_name: str
         name=name,
         config_cls=getattr(module, config_cls),
         init_boxed=module.init_boxed,
-        loss=lambda p, cfg, batch, *, key, remat_policy=None: module.loss(
-            p, cfg, batch, remat_policy=remat_policy
-        ),
+        loss=_keyless(module.loss),
         inputs="image_text",
         flops_per_token=_decoder_flops,
         default_rules=module.default_rules,
@@ -154,9 +157,7 @@ def _qwen2_vl() -> ModelFamily:
         name="qwen2_vl",
         config_cls=qwen2_vl.Qwen2VLConfig,
         init_boxed=qwen2_vl.init_boxed,
-        loss=lambda p, cfg, batch, *, key, remat_policy=None: qwen2_vl.loss(
-            p, cfg, batch, remat_policy=remat_policy
-        ),
+        loss=_keyless(qwen2_vl.loss),
         inputs="image_text",
         flops_per_token=_decoder_flops,
         default_rules=qwen2_vl.default_rules,

@@ -170,7 +170,7 @@ def build(c, workdir: str | None = None, *, with_data: bool = True) -> Run:
     loss = lambda p, batch, key: family.loss(p, model_cfg, batch, key=key, remat_policy=remat)
     if c.mode.kind == "lora":
         lcfg = lora.LoraConfig(
-            rank=c.mode.lora.rank, alpha=c.mode.lora.alpha, dropout=c.mode.lora.get("dropout", 0.0),
+            rank=c.mode.lora.rank, alpha=c.mode.lora.alpha, dropout=c.mode.lora.dropout,
             targets=tuple(c.mode.lora.targets),
         )  # fmt: skip
         trainable = lora.init(lora_key, base, lcfg)
@@ -442,6 +442,8 @@ def load_for_inference(c, checkpoint_path: str) -> tuple[Run, Any]:
     run = build(c, with_data=False)
     with checkpoint.CheckpointManager(ckpt_dir) as mgr:
         if mgr.latest_step() is None:
-            raise FileNotFoundError(f"--checkpoint={checkpoint_path!r}: no committed checkpoint in {ckpt_dir}")
+            raise FileNotFoundError(
+                f"--checkpoint={checkpoint_path!r}: no committed checkpoint in {ckpt_dir}"
+            )
         state = mgr.restore(targets={"state": initial_state(run)})["state"]
     return run, run.params_of(state.params)

@@ -44,10 +44,11 @@ class Task:
     def __init__(self, c, family, model_cfg, workdir: str | None):
         self.c, self.family, self.model_cfg, self.workdir = c, family, model_cfg, workdir
         self.tokenizer = text.ByteTokenizer(special_tokens=family.special_tokens)
-        if getattr(_text_cfg(model_cfg), "vocab_size", 1 << 30) < self.tokenizer.vocab_size:
+        # the decoder's vocabulary (a VLM's text config, a CLIP text encoder's, or a plain LM's)
+        vocab = getattr(getattr(model_cfg, "text", None) or model_cfg, "vocab_size", None)
+        if vocab is not None and vocab < self.tokenizer.vocab_size:
             raise ValueError(
-                f"config.model.overrides: vocab_size {_text_cfg(model_cfg).vocab_size} < the byte tokenizer's "
-                f"{self.tokenizer.vocab_size} ids"
+                f"config.model.overrides: vocab_size {vocab} < the byte tokenizer's {self.tokenizer.vocab_size} ids"
             )
 
     @property
@@ -62,10 +63,6 @@ class Task:
 
     def close(self) -> None:
         pass
-
-
-def _text_cfg(model_cfg):
-    return getattr(model_cfg, "text", None) or model_cfg
 
 
 class TextTask(Task):
