@@ -5,6 +5,7 @@ need a healthy group and returns a report; the tests below assert on parts of it
 hangs, bad meshes) get their own short 2-process runs.
 """
 
+import contextlib
 import os
 import re
 import time
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.debug import CommDebugMode
 
 from functional_mm import nn, pytree, random
@@ -22,8 +23,10 @@ from functional_mm.parallelism import (
     abstract_init,
     constrain,
     cross_entropy,
+    current,
     describe,
     gather,
+    local_rows,
     make_mesh,
     run_local,
     shard,
@@ -118,6 +121,56 @@ def _use_params_report(mesh, rules, tree, tree_axes) -> dict:
     }
 
 
+def _full_or_zeros(g, like) -> torch.Tensor:
+    if g is None:
+        return torch.zeros(like.shape)
+    return g.full_tensor() if isinstance(g, DTensor) else g
+
+
+def _local_rows_report(mesh, rules, tree, tree_axes, rows: int) -> dict:
+    """A pre-norm attention + MLP layer through ``local_rows`` against the same layer in one process: which
+    path ran (plain local rows or DTensors), the outputs, and the gradients of the weights, the rows and a
+    replicated input (7 rows split unevenly: 2, 2, 2, 1 over fsdp=4)."""
+    dtensor_path = []
+
+    def layer(p, x, table):  # x: [B, T, D], table: [T, D] (whole)
+        dtensor_path.append(isinstance(x, DTensor) or current() is not None)
+        p = use_params(p)
+        h, _ = nn.attention.apply(p["attn"], nn.norms.rms_norm(p["norm"], x, 1e-6), head_dim=2, is_causal=True)
+        x = x + constrain(h, ("act_batch", "act_seq", "act_embed")) + table
+        x = x + nn.mlp.gated(p["mlp"], x)
+        return x, x.mean(-1)  # [B, T, D], [B, T]
+
+    def loss_and_grads(ws, x, table, wrap):
+        with wrap:
+            out, mean = layer_fn(pytree.unflatten(pytree.structure(tree), ws), x, table)
+            loss = (out**2).sum() + mean.sum()
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss
+        return out, torch.autograd.grad(loss, [x_in, t_in, *ws], allow_unused=True)
+
+    x, table = random.normal(random.key(5), (rows, 3, 8)), random.normal(random.key(6), (3, 8))
+    x_in, t_in = x.clone().requires_grad_(), table.clone().requires_grad_()
+    layer_fn = layer
+    ref_out, ref_grads = loss_and_grads([w.clone().requires_grad_() for w in pytree.leaves(tree)], x_in, t_in,
+                                        contextlib.nullcontext())  # fmt: skip
+    dtensor_path.clear()
+    x_in, t_in = x.clone().requires_grad_(), table.clone().requires_grad_()
+    layer_fn = local_rows(layer)
+    ws = [w.detach().requires_grad_() for w in pytree.leaves(shard(tree, tree_axes, mesh, rules))]
+    with use_mesh(mesh, rules):
+        x_rows, t_whole = constrain(x_in, ("act_batch", "act_seq", "act_embed")), constrain(t_in, (None, None))
+    out, grads = loss_and_grads(ws, x_rows, t_whole, use_mesh(mesh, rules))
+    return {
+        "dtensor_path": dtensor_path,
+        "out": (tuple(out.placements), torch.allclose(out.full_tensor(), ref_out, atol=1e-5)),
+        "grads_close": [  # the unused embedding: None in one process, zeros from a bucket
+            torch.allclose(_full_or_zeros(g, w), _full_or_zeros(r, w), atol=1e-5)
+            for g, r, w in zip(grads, ref_grads, [x_in, t_in, *ws])
+        ],
+        "grad_placements_kept": all(g is None or g.placements == w.placements for g, w in zip(grads[2:], ws)),
+    }
+
+
 def _four_ranks() -> dict:
     """Runs on 4 ranks; returns {check: [value on rank 0, 1, 2, 3]}."""
     out: dict = {}
@@ -192,6 +245,29 @@ def _four_ranks() -> dict:
         "hsdp": (hsdp, [*RULES_FSDP, ("act_batch", ("dp", "fsdp"))], params, axes),
     }
     out["use_params"] = {name: _use_params_report(*case) for name, case in cases.items()}
+
+    # local_rows: plain local rows where only the batch is split (fsdp, dp x fsdp), DTensors otherwise
+    act = [("act_seq", None), ("act_embed", None)]
+    cases = {
+        "fsdp4": (mesh1, [*RULES_FSDP, ("act_batch", "fsdp"), *act]),
+        "hsdp": (hsdp, [*RULES_FSDP, ("act_batch", ("dp", "fsdp")), *act]),
+        "2x2": (mesh2, RULES_2D),
+        "fsdp4_whole_rows": (mesh1, [*RULES_FSDP, ("act_batch", None), *act]),
+    }
+    out["local_rows"] = {
+        name: _local_rows_report(*case, params, axes, rows=8 if name == "2x2" else 7)  # DTensor: even rows
+        for name, case in cases.items()
+    }
+    try:  # 5 rows over 4 ranks leave one without rows: not local (DTensor's uneven view fails, on every rank)
+        _local_rows_report(*cases["fsdp4"], params, axes, rows=5)
+    except RuntimeError as e:
+        out["local_rows_5_over_4"] = str(e)
+    try:
+        with use_mesh(mesh1, cases["fsdp4"][1]):
+            local_rows(lambda p, x: x.sum(0))({}, constrain(torch.ones(4, 2), ("act_batch", "act_seq")))
+        out["local_rows_error"] = "no error"
+    except ValueError as e:
+        out["local_rows_error"] = str(e)
 
     # cross entropy on rows split over fsdp=4 (5 rows: 2, 2, 1, 0 per rank; the vocab whole): row-local
     logits, targets = random.normal(random.key(3), (5, 7)), torch.tensor([1, -100, 3, 6, 0])
@@ -313,6 +389,22 @@ def test_use_params_buckets_the_collectives(four):
     # dp x fsdp: one all-gather, one reduce-scatter over fsdp and one all-reduce over dp for the whole tree
     assert c["hsdp"]["bucket"][ag] == c["hsdp"]["bucket"][rs] == 1
     assert c["hsdp"]["leaf"][ar] - c["hsdp"]["bucket"][ar] == 8 - 1
+
+
+def test_local_rows_runs_plain_tensors_only_where_the_batch_alone_is_split(four):
+    for rank in four["local_rows"]:
+        for name, report in rank.items():
+            assert report["out"][1], name
+            assert all(report["grads_close"]) and len(report["grads_close"]) > 2, name
+            assert report["grad_placements_kept"], name
+        # fsdp and dp x fsdp: the layer saw plain tensors and no mesh; its output is laid out like its rows
+        assert rank["fsdp4"]["dtensor_path"] == rank["hsdp"]["dtensor_path"] == [False]
+        assert rank["fsdp4"]["out"][0] == (S(0),) and rank["hsdp"]["out"][0] == (S(0), S(0))
+        # tensor parallelism, or rows not split (each rank would count every row): the DTensor path
+        assert rank["2x2"]["dtensor_path"] == rank["fsdp4_whole_rows"]["dtensor_path"] == [True]
+    # a rank without rows (5 over 4: 2, 2, 1, 0) takes the DTensor path too, whose view of uneven rows fails
+    assert all("not evenly divisible" in e for e in four["local_rows_5_over_4"])
+    assert all("does not keep the input's" in e for e in four["local_rows_error"])
 
 
 def test_cross_entropy_on_split_rows(four):

@@ -541,11 +541,13 @@ def _block(p, x, cfg: LlamaConfig, cos_sin, mask, is_causal, cache=None, cache_i
     return x + constrain(h, _RESIDUAL), new_cache
 
 
+@parallelism.local_rows  # FSDP / DP: the block on each rank's own rows, without DTensor dispatch
 def _block_no_cache(p, x, cfg, cos_sin, mask, is_causal):
     return _block(p, x, cfg, cos_sin, mask, is_causal)[0]
 
 
-def _head(params, cfg: LlamaConfig, h: torch.Tensor) -> torch.Tensor:
+@parallelism.local_rows
+def _head(params, h: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
     """Final norm and output projection: ``[B, T, D] -> [B, T, V]``."""
     out = "embed" if cfg.tie_embeddings else "lm_head"
     # one use_params call: under FSDP the norm and the output projection share one all-gather / reduce-scatter
@@ -633,7 +635,7 @@ def apply(
     block = autodiff.remat(_block_no_cache, remat_policy)
     for p in params["layers"]:
         x = block(p, x, cfg, cos_sin, mask, is_causal)
-    return _head(params, cfg, x)
+    return _head(params, x, cfg)
 
 
 def init_cache(
@@ -732,7 +734,7 @@ def decode(
     for p, layer_cache in zip(params["layers"], cache["layers"]):
         x, new_layer_cache = _block(p, x, cfg, cos_sin, mask, False, layer_cache, slots)
         new_layers.append(new_layer_cache)
-    logits = _head(params, cfg, x)
+    logits = _head(params, x, cfg)
     return logits, {"layers": new_layers, "valid": valid, "index": cache["index"] + t}
 
 

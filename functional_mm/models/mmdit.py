@@ -423,6 +423,7 @@ def _mlp(p, x: torch.Tensor) -> torch.Tensor:
     return nn.mlp.mlp(p, x, act="gelu_tanh")
 
 
+@parallelism.local_rows  # FSDP / DP: each rank's own rows as plain tensors
 def _block(p, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, cfg: MMDiTConfig):
     """One joint block: ``x: [B, N, D]`` image tokens, ``c: [B, T, D]`` text tokens -> ``(x, c)`` (``c`` is
     ``None`` after the last block, which has no text-side output)."""

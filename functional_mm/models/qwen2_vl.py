@@ -697,7 +697,7 @@ def apply(
     block = autodiff.remat(llama._block_no_cache, remat_policy)
     for p in params["text"]["layers"]:
         x = block(p, x, cfg.text, cos_sin, mask, is_causal)
-    return llama._head(params["text"], cfg.text, x)
+    return llama._head(params["text"], x, cfg.text)
 
 
 _BATCH_KEYS = (

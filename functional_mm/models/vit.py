@@ -404,6 +404,7 @@ def _attention(p, x: torch.Tensor, spec: BlockSpec, cos_sin=None, mask=None) -> 
     return nn.linear.apply(p["o"], out.transpose(1, 2).reshape(b, t, -1))
 
 
+@parallelism.local_rows  # FSDP / DP: each rank's own rows as plain tensors
 def block(
     p, x: torch.Tensor, spec: BlockSpec, *, cos_sin=None, mask=None, batch: str | None = "act_batch"
 ) -> torch.Tensor:

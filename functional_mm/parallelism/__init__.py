@@ -56,7 +56,14 @@ ordered ``{axis: size}`` dict in place of a mesh, to check rules and plan memory
 """
 
 from functional_mm.parallelism import _ops  # noqa: F401  (registers DTensor rules for CPU attention)
-from functional_mm.parallelism._compute import DATA_AXES, cross_entropy, shard_batch, use_param, use_params
+from functional_mm.parallelism._compute import (
+    DATA_AXES,
+    cross_entropy,
+    local_rows,
+    shard_batch,
+    use_param,
+    use_params,
+)
 from functional_mm.parallelism._describe import describe, visualize
 from functional_mm.parallelism._launch import RankError, run_local
 from functional_mm.parallelism._mesh import current, make_mesh, use_mesh
@@ -74,6 +81,7 @@ __all__ = [
     "constrain",
     "use_param",
     "use_params",
+    "local_rows",
     "shard_batch",
     "cross_entropy",
     "DATA_AXES",

@@ -73,10 +73,12 @@ def bucket_key(w: DTensor, gather: Sequence[str]) -> tuple | None:
     return (_Plan(mesh, shard_dim, data_dims), w.dtype, w.device, w.requires_grad)
 
 
-def gather_bucket(leaves: list[DTensor], plan: _Plan) -> tuple[DTensor, ...]:
+def gather_bucket(leaves: list[DTensor], plan: _Plan, local: bool = False) -> tuple[torch.Tensor, ...]:
     """``leaves`` (sharing ``plan``, from :func:`bucket_key`) whole over the data axes, split as before over the
-    others; differentiable, the gradients reduced in one collective per data axis."""
-    return _GatherBucket.apply(plan, *leaves)
+    others; differentiable, the gradients reduced in one collective per data axis. ``local=True`` (every other
+    mesh axis of size 1): plain tensors, whose gradients are taken as this rank's part of the sum over the
+    data axes (a ``local_rows`` region computes on its own rows)."""
+    return _GatherBucket.apply(plan, local, *leaves)
 
 
 def _compute_placements(plan: _Plan, placements: tuple[Placement, ...]) -> tuple[Placement, ...]:
@@ -196,12 +198,14 @@ def _is_sum(p: Placement) -> bool:
 
 class _GatherBucket(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan: _Plan, *leaves: DTensor):  # type: ignore[override]
+    def forward(ctx, plan: _Plan, local: bool, *leaves: DTensor):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         out, slots = _gather(leaves, plan)
-        ctx.plan, ctx.slots = plan, slots
+        ctx.plan, ctx.slots, ctx.local = plan, slots, local
         ctx.meta = [(w.shape, w.stride(), tuple(w.placements)) for w in leaves]
         ctx.local_meta = [(tuple(x.shape), (x.dtype, x.device)) for x in out]
+        if local:
+            return tuple(out)
         mesh = plan.mesh
         return tuple(
             DTensor.from_local(
@@ -217,8 +221,8 @@ class _GatherBucket(torch.autograd.Function):
         packed: list[torch.Tensor | None] = []
         alone: dict[int, DTensor] = {}
         for j, (g, (_, _, placements)) in enumerate(zip(grads, ctx.meta)):
-            if g is None:
-                packed.append(None)
+            if g is None or ctx.local:  # local: g is already this rank's part of the sum, in the whole layout
+                packed.append(g)
                 continue
             computed = _compute_placements(plan, placements)
             if not isinstance(g, DTensor):  # the local part of a gradient in the output's layout
@@ -238,10 +242,10 @@ class _GatherBucket(torch.autograd.Function):
         for j, (x, (shape, stride, placements)) in enumerate(zip(reduced, ctx.meta)):
             if j in alone:
                 out.append(alone[j])
-            elif not ctx.needs_input_grad[j + 1]:
+            elif not ctx.needs_input_grad[j + 2]:
                 out.append(None)
             else:
                 out.append(
                     DTensor.from_local(x, mesh, placements, run_check=False, shape=shape, stride=stride)
                 )
-        return (None, *out)
+        return (None, None, *out)

@@ -11,21 +11,23 @@ in one buffer, ``_bucket.py``). Without a mesh every function here returns its i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
 from functional_mm import pytree
 from functional_mm.parallelism._bucket import bucket_key, gather_bucket
-from functional_mm.parallelism._mesh import current
+from functional_mm.parallelism._mesh import current, in_local_region, local_region
 from functional_mm.parallelism._rules import Rules, logical_to_placements
 from functional_mm.parallelism._shard import constrain
 
-__all__ = ["DATA_AXES", "use_param", "use_params", "shard_batch", "cross_entropy"]
+__all__ = ["DATA_AXES", "use_param", "use_params", "local_rows", "shard_batch", "cross_entropy"]
 
 PyTree = Any
 
@@ -58,7 +60,10 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
     )
     # async: the all-gathers of a layer's weights are all in flight before the first one is waited for (at its
     # first use), and the reduce-scatters of the gradients overlap the rest of the backward.
-    return w.redistribute(mesh, placements, async_op=True)
+    w = w.redistribute(mesh, placements, async_op=True)
+    if in_local_region():  # the local rows' gradient is this rank's part of the sum over the gathered axes
+        return w.to_local(grad_placements=[Partial() if name in gather else p for name, p in zip(names, placements)])
+    return w
 
 
 def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:
@@ -90,9 +95,92 @@ def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:
         if len(idx) == 1:  # one collective either way
             out[idx[0]] = use_param(leaves[idx[0]], gather)
             continue
-        for i, x in zip(idx, gather_bucket([leaves[i] for i in idx], key[0])):
+        for i, x in zip(idx, gather_bucket([leaves[i] for i in idx], key[0], local=in_local_region())):
             out[i] = x
     return pytree.unflatten(treedef, out)
+
+
+def local_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(params, x, *args, **kwargs)`` (a layer: ``x: [B, ...]`` rows in, rows out) run on each rank's own
+    rows as plain tensors whenever that is exact: the current mesh splits nothing but the batch (every mesh
+    axis of size > 1 is a data axis, ``dp`` / ``fsdp``) and the DTensor arguments are split over dim 0 or
+    replicated. This is ``shard_map`` for FSDP / DP / HSDP: inside, :func:`use_params` hands out the gathered
+    weights as plain tensors (their gradients still reduce-scattered / all-reduced), :func:`constrain` and
+    :func:`current` see no mesh, and the layer runs its single-process code with none of DTensor's per-op
+    dispatch; the outputs come back as DTensors laid out like ``x``. Anything else (tensor or context
+    parallelism, a partial input, code being traced by ``torch.compile``, which removes the dispatch cost
+    itself) runs ``fn`` unchanged, on DTensors.
+
+    ``fn`` must treat rows independently (no batch statistics, no random draws whose values would repeat on
+    every rank) and reach every sharded weight through ``use_params`` / ``use_param``.
+
+    Example::
+
+        >>> block = local_rows(_block)  # def _block(p, x, cos_sin): p = use_params(p); ...  # doctest: +SKIP
+        >>> with use_mesh(make_mesh({"fsdp": 4}), rules):  # doctest: +SKIP
+        ...     x = block(params["layers"][0], x, cos_sin)  # x: DTensor [B, T, D], Shard(0)
+    """
+
+    @functools.wraps(fn)
+    def run(params: PyTree, x: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = current()
+        if ctx is None or torch.compiler.is_compiling() or not isinstance(x, DTensor):
+            return fn(params, x, *args, **kwargs)
+        mesh = ctx[0]
+        names = mesh.mesh_dim_names or ()
+        split = [i for i in range(mesh.ndim) if mesh.size(i) > 1]
+        rows = [x.placements[i] for i in split]
+        # x's rows split over every mesh axis in play (a replicated x would count each row's gradient once
+        # per rank), those axes all data axes; the other inputs split like x or whole
+        if any(names[i] not in DATA_AXES for i in split) or not all(type(p) is Shard and p.dim == 0 for p in rows):
+            return fn(params, x, *args, **kwargs)
+        if not _every_rank_has_rows(x.shape[0], [mesh.size(i) for i in split]):
+            return fn(params, x, *args, **kwargs)  # model code reshapes with -1, which 0 rows make ambiguous
+        inputs = [t for t in pytree.leaves((args, kwargs)) if isinstance(t, DTensor)]
+        if not all(_split_like(t, split, rows) for t in inputs):
+            return fn(params, x, *args, **kwargs)
+        local_x, local_args, local_kwargs = pytree.tree_map(_to_local_rows, (x, args, kwargs))
+        with local_region():
+            out = fn(params, local_x, *local_args, **local_kwargs)
+        n, placements = x.shape[0], x.placements
+        return pytree.tree_map(lambda y: _from_local_rows(y, local_x.shape[0], n, placements, mesh), out)
+
+    return run
+
+
+def _every_rank_has_rows(n: int, sizes: list[int]) -> bool:
+    """Whether ``n`` rows split over mesh dims of ``sizes`` in turn (``torch.chunk``, as DTensor's nested
+    ``Shard(0)``) leave at least one row on every rank (5 over 4 do not: 2, 2, 1, 0). The same answer on
+    every rank, so all take the same path."""
+    parts = [n]
+    for k in sizes:
+        parts = [max(0, min(-(-m // k), m - i * -(-m // k))) for m in parts for i in range(k)]
+    return min(parts) > 0
+
+
+def _split_like(t: DTensor, split: list[int], rows: list[Placement]) -> bool:
+    mine = [t.placements[i] for i in split]
+    return mine == rows or all(p.is_replicate() for p in mine)
+
+
+def _to_local_rows(t: Any) -> Any:
+    if not isinstance(t, DTensor):
+        return t
+    # a replicated input's gradient from this rank's rows is this rank's part of the sum over the rows
+    return t.to_local(grad_placements=[Partial() if p.is_replicate() else p for p in t.placements])
+
+
+def _from_local_rows(y: Any, local: int, rows: int, placements, mesh: DeviceMesh) -> Any:
+    if not isinstance(y, torch.Tensor):
+        return y
+    if y.dim() == 0 or y.shape[0] != local:
+        raise ValueError(
+            f"local_rows: an output of shape {tuple(y.shape)} does not keep the input's {local} local rows "
+            "in dim 0"
+        )
+    shape = (rows, *y.shape[1:])
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+    return DTensor.from_local(y.contiguous(), mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
 def shard_batch(

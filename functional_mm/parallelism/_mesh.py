@@ -99,7 +99,7 @@ def _disable_aot_autograd_cache() -> None:
 
 # A plain global rather than a ContextVar: model code reads it inside torch.compile, and dynamo guards on
 # globals but does not trace ContextVar.get.
-_STACK: list[tuple[DeviceMesh, Rules]] = []
+_STACK: list[tuple[DeviceMesh, Rules] | None] = []  # None: a local_rows region
 
 
 @contextlib.contextmanager
@@ -122,5 +122,21 @@ def use_mesh(mesh: DeviceMesh, rules: Rules) -> Iterator[DeviceMesh]:
 
 
 def current() -> tuple[DeviceMesh, Rules] | None:
-    """The innermost ``(mesh, rules)`` set by :func:`use_mesh`, or None outside any (single-process code)."""
+    """The innermost ``(mesh, rules)`` set by :func:`use_mesh`, or None outside any (single-process code) and
+    inside a ``local_rows`` function (each rank's own rows, plain tensors)."""
     return _STACK[-1] if _STACK else None
+
+
+@contextlib.contextmanager
+def local_region() -> Iterator[None]:
+    """Inside: no current mesh (model code runs its single-process path on a rank's local tensors) and
+    ``use_params`` hands out plain local weights. Used by ``local_rows``."""
+    _STACK.append(None)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _STACK.pop()
+
+
+def in_local_region() -> bool:
+    return bool(_STACK) and _STACK[-1] is None
