@@ -136,7 +136,9 @@ def _local_rows_report(mesh, rules, tree, tree_axes, rows: int) -> dict:
     def layer(p, x, table):  # x: [B, T, D], table: [T, D] (whole)
         dtensor_path.append(isinstance(x, DTensor) or current() is not None)
         p = use_params(p)
-        h, _ = nn.attention.apply(p["attn"], nn.norms.rms_norm(p["norm"], x, 1e-6), head_dim=2, is_causal=True)
+        h, _ = nn.attention.apply(
+            p["attn"], nn.norms.rms_norm(p["norm"], x, 1e-6), head_dim=2, is_causal=True
+        )
         x = x + constrain(h, ("act_batch", "act_seq", "act_embed")) + table
         x = x + nn.mlp.gated(p["mlp"], x)
         return x, x.mean(-1)  # [B, T, D], [B, T]
@@ -158,7 +160,10 @@ def _local_rows_report(mesh, rules, tree, tree_axes, rows: int) -> dict:
     layer_fn = local_rows(layer)
     ws = [w.detach().requires_grad_() for w in pytree.leaves(shard(tree, tree_axes, mesh, rules))]
     with use_mesh(mesh, rules):
-        x_rows, t_whole = constrain(x_in, ("act_batch", "act_seq", "act_embed")), constrain(t_in, (None, None))
+        x_rows, t_whole = (
+            constrain(x_in, ("act_batch", "act_seq", "act_embed")),
+            constrain(t_in, (None, None)),
+        )
     out, grads = loss_and_grads(ws, x_rows, t_whole, use_mesh(mesh, rules))
     return {
         "dtensor_path": dtensor_path,

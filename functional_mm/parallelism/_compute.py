@@ -62,7 +62,9 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
     # first use), and the reduce-scatters of the gradients overlap the rest of the backward.
     w = w.redistribute(mesh, placements, async_op=True)
     if in_local_region():  # the local rows' gradient is this rank's part of the sum over the gathered axes
-        return w.to_local(grad_placements=[Partial() if name in gather else p for name, p in zip(names, placements)])
+        return w.to_local(
+            grad_placements=[Partial() if name in gather else p for name, p in zip(names, placements)]
+        )
     return w
 
 
@@ -132,7 +134,9 @@ def local_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
         rows = [x.placements[i] for i in split]
         # x's rows split over every mesh axis in play (a replicated x would count each row's gradient once
         # per rank), those axes all data axes; the other inputs split like x or whole
-        if any(names[i] not in DATA_AXES for i in split) or not all(type(p) is Shard and p.dim == 0 for p in rows):
+        if any(names[i] not in DATA_AXES for i in split) or not all(
+            type(p) is Shard and p.dim == 0 for p in rows
+        ):
             return fn(params, x, *args, **kwargs)
         if not _every_rank_has_rows(x.shape[0], [mesh.size(i) for i in split]):
             return fn(params, x, *args, **kwargs)  # model code reshapes with -1, which 0 rows make ambiguous

@@ -206,7 +206,11 @@ def read_tensors(
         with safe_open(str(path), framework="pt") as f:
             for name in names:
                 if name in regions:
-                    t = f.get_slice(renamed[name][0])[regions[name]] if regions[name] else f.get_tensor(renamed[name][0])
+                    t = (
+                        f.get_slice(renamed[name][0])[regions[name]]
+                        if regions[name]
+                        else f.get_tensor(renamed[name][0])
+                    )
                 else:
                     t = f.get_tensor(renamed[name][0])
                 out[name] = t if dtype is None else t.to(dtype)
@@ -389,7 +393,11 @@ def _header(tensors: Mapping[str, torch.Tensor], names: list[str]) -> tuple[byte
         if t.dtype not in _ST_DTYPES:
             raise TypeError(f"{name!r}: dtype {t.dtype} has no safetensors name")
         nbytes = t.numel() * t.element_size()
-        meta[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes]}
+        meta[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + nbytes],
+        }
         offsets[name] = pos
         pos += nbytes
     body = json.dumps(meta, separators=(",", ":")).encode()
@@ -441,7 +449,9 @@ def _write_sharded(
                 t = tensors[name]
                 data = _dtypes.to_numpy(shard.tensor.detach().cpu()).reshape(-1).view(np.uint8)
                 base = len(head) + offsets[name]
-                for at, local, n in _byte_runs(tuple(t.shape), shard.box.start, shard.box.size, t.element_size()):
+                for at, local, n in _byte_runs(
+                    tuple(t.shape), shard.box.start, shard.box.size, t.element_size()
+                ):
                     os.pwrite(fd, memoryview(data[local : local + n]), base + at)
             os.fsync(fd)
         finally:
@@ -452,7 +462,9 @@ def _write_sharded(
         weight_map = {n: fname for fname, names in zip(files, groups) for n in names}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(d / _index_name(weights_name), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+            json.dump(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True
+            )
             f.write("\n")
     return files if len(groups) == 1 else [*files, _index_name(weights_name)]
 
