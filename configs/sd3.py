@@ -15,7 +15,8 @@ dominates the 32 samples)::
   encoders stay out of the step: ``--config.data.path=DIR`` with ``train/`` and ``eval/`` feature sets of
   ``latents`` / ``context`` / ``pooled`` written by ``functional_mm.data.extract_features``); full finetune from ``--config.mode.init_from=/path/transformer`` or
   ``lora`` (LoRA on the attention projections; export with ``functional_mm.lora.save_diffusers``).
-- ``mesh=`` e.g. ``fsdp8``; ``lora``: LoRA-tune instead of full finetuning.
+- ``mesh=`` e.g. ``fsdp8`` or ``dp2fsdp8`` (the data axes only: the model runs each rank's rows, no tensor
+  parallelism); ``lora``: LoRA-tune instead of full finetuning.
 """
 
 from functional_mm.train.config_lib import t2i_config

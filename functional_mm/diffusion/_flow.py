@@ -33,8 +33,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
 
-from functional_mm import pytree, random
+from functional_mm import parallelism, pytree, random
 
 __all__ = [
     "TIMESTEP_SAMPLING",
@@ -340,8 +341,11 @@ def drop_conditioning(
         if c.shape[0] != b:
             raise ValueError(f"drop_conditioning: leaves disagree on the batch size ({c.shape[0]} vs {b})")
         k = random.fold_in(key, i) if independent else key
-        drop = random.bernoulli(k, rate, (b,), device=c.device).reshape(b, *([1] * (c.dim() - 1)))
+        drop = random.bernoulli(k, rate, (b,), device=c.device)  # drawn for the global batch
+        drop = parallelism.rows_like(drop, c).reshape(b, *([1] * (c.dim() - 1)))  # this rank's rows on a mesh
         replacement = torch.zeros((), dtype=c.dtype, device=c.device) if n is None else n.to(c.dtype)
+        if isinstance(c, DTensor) and not isinstance(replacement, DTensor) and replacement.dim() > 0:
+            replacement = DTensor.from_local(replacement, c.device_mesh, [Replicate()] * c.device_mesh.ndim)
         out.append(torch.where(drop, replacement, c))
     return pytree.unflatten(treedef, out)
 
@@ -368,8 +372,10 @@ def flow_matching_loss(
     """
     k_noise, k_t = random.split(key)
     b = x0.shape[0]
-    noise = random.normal(k_noise, x0.shape, dtype=x0.dtype, device=x0.device)
+    # drawn for the global batch; on a mesh each rank keeps its rows (the numbers of one process)
+    noise = parallelism.rows_like(random.normal(k_noise, x0.shape, dtype=x0.dtype, device=x0.device), x0)
     sigmas, timesteps = sample_sigmas(k_t, cfg, b, image_seq_len=image_seq_len, device=x0.device)
+    sigmas, timesteps = parallelism.rows_like(sigmas, x0), parallelism.rows_like(timesteps, x0)
     pred = velocity_fn(add_noise(x0, noise, sigmas), timesteps.to(x0.dtype))
     if pred.shape != x0.shape:
         raise ValueError(

@@ -46,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -345,7 +346,6 @@ def _attend(q, k, v, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return _merge(nn.attention.dot_product_attention(q, k, v))  # [B, T, D]
 
 
-@parallelism.local_rows  # FSDP / DP: each rank's own rows as plain tensors
 def _double_block(p, x, c, temb, rope, cfg: FluxConfig):
     """``x: [B, N, D]`` image, ``c: [B, T, D]`` text -> ``(x, c)``; joint attention over ``[c, x]``."""
     p = parallelism.use_params(p)
@@ -365,7 +365,6 @@ def _double_block(p, x, c, temb, rope, cfg: FluxConfig):
     return x, c + constrain(c_gate_mlp[:, None] * h, _RESIDUAL)
 
 
-@parallelism.local_rows  # FSDP / DP: each rank's own rows as plain tensors
 def _single_block(p, h, temb, rope, cfg: FluxConfig):
     """``h: [B, T + N, D]`` (text then image) -> same shape."""
     p = parallelism.use_params(p)
@@ -382,6 +381,7 @@ def _embed_mlp_apply(p, x):
     return nn.linear.apply(p["fc2"], F.silu(nn.linear.apply(p["fc1"], x)))
 
 
+@functools.partial(parallelism.local_rows, rows_arg=2)  # FSDP / DP: each rank's own rows, plainly
 def apply(
     params: dict[str, Any],
     cfg: FluxConfig,

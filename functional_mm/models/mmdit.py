@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -423,7 +424,6 @@ def _mlp(p, x: torch.Tensor) -> torch.Tensor:
     return nn.mlp.mlp(p, x, act="gelu_tanh")
 
 
-@parallelism.local_rows  # FSDP / DP: each rank's own rows as plain tensors
 def _block(p, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, cfg: MMDiTConfig):
     """One joint block: ``x: [B, N, D]`` image tokens, ``c: [B, T, D]`` text tokens -> ``(x, c)`` (``c`` is
     ``None`` after the last block, which has no text-side output)."""
@@ -489,6 +489,7 @@ def _check_inputs(cfg: MMDiTConfig, latents, timestep, context, pooled) -> None:
         )
 
 
+@functools.partial(parallelism.local_rows, rows_arg=2)  # FSDP / DP: each rank's own rows, plainly
 def apply(
     params: dict[str, Any],
     cfg: MMDiTConfig,

@@ -182,7 +182,7 @@ def _t2i(name: str) -> ModelFamily:
         loss=t2i.loss,
         inputs="text_to_image",
         default_rules=t2i.default_rules,
-        check_layout=lambda cfg, mesh, rules: None,
+        check_layout=t2i.check_layout,
     )
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from functional_mm import diffusion, nn, random
+from functional_mm import diffusion, nn, parallelism, random
 from functional_mm.models import flux, mmdit
 from functional_mm.models import text_encoders as te
 from functional_mm.models.llava import merge_overrides
@@ -164,6 +164,19 @@ def default_rules() -> list[tuple[str, Any]]:
     return llama.default_rules(sequence_parallel=False) + [("channels", None)]
 
 
+def check_layout(cfg: TextToImageConfig, mesh: Any, rules: Any) -> None:
+    """Raise (before any collective) unless ``mesh`` splits only the batch: the denoiser and text encoder run
+    each rank's rows as plain tensors under ``dp`` / ``fsdp`` / HSDP (``parallelism.local_rows``); tensor /
+    context parallelism of these models is not built."""
+    names, sizes = mesh.mesh_dim_names or (), mesh.shape
+    other = {n: s for n, s in zip(names, sizes) if s > 1 and n not in parallelism.DATA_AXES}
+    if other:
+        raise ValueError(
+            f"{cfg.kind} text-to-image training supports the data axes {parallelism.DATA_AXES} only (FSDP, DP, "
+            f"HSDP); the mesh also splits {other}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # forward
 
@@ -191,11 +204,9 @@ def velocity(params, cfg: TextToImageConfig, x, timestep, context, pooled, *, re
             params["denoiser"], cfg.denoiser, x, timestep, context, pooled, remat_policy=remat_policy
         )
     b, _, h, w = x.shape
-    guidance = (
-        torch.full((b,), cfg.guidance, dtype=x.dtype, device=x.device)
-        if cfg.denoiser.guidance_embeds
-        else None
-    )
+    guidance = None
+    if cfg.denoiser.guidance_embeds:
+        guidance = parallelism.rows_like(torch.full((b,), cfg.guidance, dtype=x.dtype, device=x.device), x)
     v = flux.apply(
         params["denoiser"], cfg.denoiser, flux.pack_latents(x), timestep / 1000.0, context, pooled,
         flux.image_ids(h // 2, w // 2, device=x.device), flux.text_ids(context.shape[1], device=x.device),
@@ -207,6 +218,9 @@ def velocity(params, cfg: TextToImageConfig, x, timestep, context, pooled, *, re
 def loss(params, cfg: TextToImageConfig, batch: Mapping[str, torch.Tensor], *, key, remat_policy=None):
     """Flow-matching loss of denoising ``batch["pixels"]`` (or ``batch["latents"]``) given the prompt, with the
     config's conditioning dropout (dropped samples see zero conditioning, the unconditional input of CFG)."""
+    ctx = parallelism.current()
+    if ctx is not None:
+        check_layout(cfg, *ctx)
     x0 = batch["latents"] if "latents" in batch else batch["pixels"]
     k_drop, k_flow = random.split(key)
     context, pooled = encode_prompt(params, cfg, batch)

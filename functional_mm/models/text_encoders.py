@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -292,6 +293,7 @@ def _bool_mask(mask: Any, shape) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
+@functools.partial(parallelism.local_rows, rows_arg=2)  # FSDP / DP: each rank's own rows
 def clip_apply(
     params: dict[str, Any],
     cfg: CLIPTextConfig,
@@ -512,6 +514,7 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, rel, large)
 
 
+@functools.partial(parallelism.local_rows, rows_arg=2)  # FSDP / DP: each rank's own rows
 def t5_apply(
     params: dict[str, Any],
     cfg: T5EncoderConfig,

@@ -12,6 +12,7 @@ in one buffer, ``_bucket.py``). Without a mesh every function here returns its i
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from functional_mm.parallelism._mesh import current, in_local_region, local_regi
 from functional_mm.parallelism._rules import Rules, logical_to_placements
 from functional_mm.parallelism._shard import constrain
 
-__all__ = ["DATA_AXES", "use_param", "use_params", "local_rows", "shard_batch", "cross_entropy"]
+__all__ = ["DATA_AXES", "use_param", "use_params", "local_rows", "rows_like", "shard_batch", "cross_entropy"]
 
 PyTree = Any
 
@@ -102,19 +103,21 @@ def use_params(tree: PyTree, gather: Sequence[str] = DATA_AXES) -> PyTree:
     return pytree.unflatten(treedef, out)
 
 
-def local_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn(params, x, *args, **kwargs)`` (a layer: ``x: [B, ...]`` rows in, rows out) run on each rank's own
-    rows as plain tensors whenever that is exact: the current mesh splits nothing but the batch (every mesh
-    axis of size > 1 is a data axis, ``dp`` / ``fsdp``) and the DTensor arguments are split over dim 0 or
-    replicated. This is ``shard_map`` for FSDP / DP / HSDP: inside, :func:`use_params` hands out the gathered
-    weights as plain tensors (their gradients still reduce-scattered / all-reduced), :func:`constrain` and
-    :func:`current` see no mesh, and the layer runs its single-process code with none of DTensor's per-op
-    dispatch; the outputs come back as DTensors laid out like ``x``. Anything else (tensor or context
-    parallelism, a partial input, code being traced by ``torch.compile``, which removes the dispatch cost
-    itself) runs ``fn`` unchanged, on DTensors.
+def local_rows(fn: Callable[..., Any] | None = None, *, rows_arg: int = 1) -> Callable[..., Any]:
+    """``fn(params, ..., x, ...)`` (``x = args[rows_arg]``: ``[B, ...]`` rows in, rows out) run on each rank's
+    own rows as plain tensors whenever that is exact: the current mesh splits nothing but the batch (every
+    mesh axis of size > 1 is a data axis, ``dp`` / ``fsdp``), ``x`` is split over dim 0 on each of them, every
+    rank has rows, and the other DTensor arguments are split like ``x`` or replicated. This is ``shard_map``
+    for FSDP / DP / HSDP: inside, :func:`use_params` hands out the gathered weights as plain tensors (their
+    gradients still reduce-scattered / all-reduced), :func:`constrain` and :func:`current` see no mesh, and
+    the code runs its single-process path with none of DTensor's per-op dispatch; tensor outputs come back as
+    DTensors laid out like ``x`` (each must keep ``x``'s rows in dim 0). Anything else (tensor or context
+    parallelism, a partial or unsplit ``x``) runs ``fn`` unchanged, on DTensors. Use as ``@local_rows`` or
+    ``@functools.partial(local_rows, rows_arg=2)``; nested calls run plainly inside the outer region.
 
-    ``fn`` must treat rows independently (no batch statistics, no random draws whose values would repeat on
-    every rank) and reach every sharded weight through ``use_params`` / ``use_param``.
+    ``fn`` must treat rows independently (no batch statistics; random draws made outside and split with
+    :func:`rows_like`), reach every sharded weight through ``use_params`` / ``use_param``, and take no plain
+    tensor with the global batch's rows.
 
     Example::
 
@@ -122,12 +125,20 @@ def local_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> with use_mesh(make_mesh({"fsdp": 4}), rules):  # doctest: +SKIP
         ...     x = block(params["layers"][0], x, cos_sin)  # x: DTensor [B, T, D], Shard(0)
     """
+    if fn is None:
+        return functools.partial(local_rows, rows_arg=rows_arg)
+
+    rows_name = list(inspect.signature(fn).parameters)[rows_arg]
+
+    def rows_of(args: tuple, kwargs: dict) -> Any:
+        return args[rows_arg - 1] if len(args) >= rows_arg else kwargs.get(rows_name)
 
     @functools.wraps(fn)
-    def run(params: PyTree, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def run(params: PyTree, *args: Any, **kwargs: Any) -> Any:
         ctx = current()
-        if ctx is None or torch.compiler.is_compiling() or not isinstance(x, DTensor):
-            return fn(params, x, *args, **kwargs)
+        x = rows_of(args, kwargs)
+        if ctx is None or not isinstance(x, DTensor):
+            return fn(params, *args, **kwargs)
         mesh = ctx[0]
         names = mesh.mesh_dim_names or ()
         split = [i for i in range(mesh.ndim) if mesh.size(i) > 1]
@@ -137,19 +148,41 @@ def local_rows(fn: Callable[..., Any]) -> Callable[..., Any]:
         if any(names[i] not in DATA_AXES for i in split) or not all(
             type(p) is Shard and p.dim == 0 for p in rows
         ):
-            return fn(params, x, *args, **kwargs)
+            return fn(params, *args, **kwargs)
         if not _every_rank_has_rows(x.shape[0], [mesh.size(i) for i in split]):
-            return fn(params, x, *args, **kwargs)  # model code reshapes with -1, which 0 rows make ambiguous
-        inputs = [t for t in pytree.leaves((args, kwargs)) if isinstance(t, DTensor)]
+            return fn(params, *args, **kwargs)  # model code reshapes with -1, which 0 rows make ambiguous
+        inputs = [t for t in pytree.leaves((args, kwargs)) if isinstance(t, DTensor)]  # x included
         if not all(_split_like(t, split, rows) for t in inputs):
-            return fn(params, x, *args, **kwargs)
-        local_x, local_args, local_kwargs = pytree.tree_map(_to_local_rows, (x, args, kwargs))
+            return fn(params, *args, **kwargs)
+        local_args, local_kwargs = pytree.tree_map(_to_local_rows, (args, kwargs))
         with local_region():
-            out = fn(params, local_x, *local_args, **local_kwargs)
-        n, placements = x.shape[0], x.placements
-        return pytree.tree_map(lambda y: _from_local_rows(y, local_x.shape[0], n, placements, mesh), out)
+            out = fn(params, *local_args, **local_kwargs)
+        local, n = rows_of(local_args, local_kwargs).shape[0], x.shape[0]
+        return pytree.tree_map(lambda y: _from_local_rows(y, local, n, x.placements, mesh), out)
 
     return run
+
+
+def rows_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (plain, ``[B, ...]``: the global batch's rows, the same on every rank, e.g. noise drawn from a
+    shared key) split over dim 0 as DTensor ``ref``'s rows are (each rank slices its own; no communication),
+    whole along its other dims. A plain ``ref``: ``t`` unchanged. So per-sample randomness is drawn once for
+    the global batch and a sharded run sees the same numbers as one process.
+
+    Example::
+
+        >>> noise = rows_like(random.normal(key, x0.shape), x0)  # x0: DTensor [B, C, H, W], Shard(0)  # doctest: +SKIP
+    """
+    if not isinstance(ref, DTensor) or isinstance(t, DTensor):
+        return t
+    if t.dim() == 0 or t.shape[0] != ref.shape[0]:
+        raise ValueError(f"rows_like: {tuple(t.shape)} has not the {ref.shape[0]} rows of the reference")
+    mesh = ref.device_mesh
+    placements = [p if type(p) is Shard and p.dim == 0 else Replicate() for p in ref.placements]
+    # Replicate -> Shard is a local slice
+    return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(
+        mesh, placements
+    )
 
 
 def _every_rank_has_rows(n: int, sizes: list[int]) -> bool:
