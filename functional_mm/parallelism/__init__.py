@@ -42,7 +42,10 @@ model's rules (``llama.default_rules()``: FSDP, Megatron TP with sequence parall
 model, :func:`use_param` / :func:`use_params` bring each layer's weights to their compute layout (gathered over
 the data axes ``dp``/``fsdp``, still split over ``tp``; gradients come back reduce-scattered / all-reduced;
 ``use_params`` moves a whole layer's weights in one all-gather and its gradients in one reduce-scatter, as
-FSDP2's flat buffer per layer does, see ``_bucket.py``) and :func:`constrain` pins activations; :func:`cross_entropy` is vocab-parallel on logits split over the
+FSDP2's flat buffer per layer does, see ``_bucket.py``) and :func:`constrain` pins activations. Under FSDP / DP /
+HSDP alone (only the batch split), :func:`local_rows` runs a layer on each rank's own rows as plain tensors,
+without DTensor's per-op dispatch (``shard_map``); :func:`rows_like` splits per-sample randomness drawn for the
+global batch the same way; :func:`cross_entropy` is vocab-parallel on logits split over the
 vocabulary; :func:`shard_batch` places a batch. Run the step inside ``use_mesh(mesh, rules)``. Optimizer
 state built from sharded params keeps their placements (DTensor foreach ops), so under FSDP no rank holds a
 full replica of params or optimizer state outside a layer's use. Within a step, autograd keeps each layer's
