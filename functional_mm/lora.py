@@ -99,6 +99,17 @@ def init(key: torch.Tensor, base: Any, cfg: LoraConfig) -> Any:
     return pytree.from_flat_dict(adapters)
 
 
+def logical_axes(adapters: Any, base_axes: Any) -> Any:
+    """Logical axis names for an adapter tree (to ``parallelism.shard`` it like its base): a weight with axes
+    ``(out, in)`` gives ``a: (None, in)`` and ``b: (out, None)`` (the rank dim stays whole)."""
+    axes = dict(pytree.flatten_with_paths(base_axes, is_leaf=lambda x: isinstance(x, tuple))[0])
+    out = {}
+    for path in by_path(adapters):
+        o, i = axes[path]
+        out[f"{path}/a"], out[f"{path}/b"] = (None, i), (o, None)
+    return pytree.from_flat_dict(out)
+
+
 def by_path(adapters: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{weight path: (a, b)}`` for an adapter tree from :func:`init`."""
     flat = pytree.to_flat_dict(adapters)

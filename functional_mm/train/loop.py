@@ -174,6 +174,8 @@ def build(c, workdir: str | None = None, *, with_data: bool = True) -> Run:
             targets=tuple(c.mode.lora.targets),
         )  # fmt: skip
         trainable = lora.init(lora_key, base, lcfg)
+        if mesh is not None:  # the adapters laid out like the weights they adapt (the rank dim whole)
+            trainable = parallelism.shard(trainable, lora.logical_axes(trainable, axes), mesh, rules)
         params_of = lambda adapters: lora.merge(base, adapters, lcfg)  # no dropout: eval / export
 
         def loss_fn(adapters, batch, key):
