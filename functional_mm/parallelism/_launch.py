@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
@@ -44,6 +45,7 @@ def _worker(rank: int, nprocs: int, port: int, threads: int, fn, args, kwargs, r
     )
     # N processes on a few cores: intra-op threads per process would only oversubscribe the CPU.
     torch.set_num_threads(threads)
+    faulthandler.enable()  # a rank that crashes in native code (exit -11) leaves its Python stack on stderr
     try:
         out = fn(*args, **kwargs)
         # Pickle here: an unpicklable result would otherwise fail silently in the queue's feeder thread and the
