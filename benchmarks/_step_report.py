@@ -1,10 +1,83 @@
-"""Memory probes and the result table shared by the single-process train-step benchmarks."""
+"""What the single-process train-step benchmarks share: their common flags, our side's step, the interleaved
+timing loop, memory probes and the result table."""
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import resource
 import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from functional_mm import random
+from functional_mm.train import TrainState
+
+
+def add_common_args(ap: argparse.ArgumentParser, sides: Sequence[str]) -> None:
+    """``--steps``, ``--warmup``, ``--only SIDE`` (repeatable) and ``--threads``."""
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=sides,
+        help="run only this side (repeatable): peak RSS is a per-process high-water mark, so a side's own "
+        "peak needs a process of its own",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def parse_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, and set the torch thread count when ``--threads`` asks for one."""
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def ours(step: Callable, params, tx) -> Callable:
+    """Our side as ``run(batch, *_) -> loss``: ``step`` (from ``make_train_step``) on a state it carries
+    (the extra arguments other sides take, such as precomputed noise, come from the state's key instead)."""
+    state = TrainState.create(params, tx, random.key(2))
+
+    def run(batch, *_):
+        nonlocal state
+        state, metrics = step(state, batch)
+        return metrics["loss"]
+
+    return run
+
+
+def run_interleaved(
+    runs: dict[str, Callable], args, inputs: Callable[[int], tuple]
+) -> tuple[dict, dict, dict]:
+    """``args.warmup + args.steps`` steps; at step ``i`` every side gets ``*inputs(i)``, a different side going
+    first each step (none always follows the batch setup). The peak-memory mark restarts after the warm-up;
+    the first-step losses must agree (same weights, same batch). Returns per side the timed steps' seconds,
+    the first step's seconds and every loss."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    first_s: dict[str, float] = {}
+    losses: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(args.warmup + args.steps):
+        step_inputs = inputs(i)
+        if i == args.warmup:
+            reset_peak()
+        names = list(runs)
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            losses[name].append(float(runs[name](*step_inputs)))
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            elif i == 0:
+                first_s[name] = time.perf_counter() - t0
+        if i == 0:
+            print("first-step losses: " + ", ".join(f"{k} {v[0]:.6f}" for k, v in losses.items()), flush=True)
+            l0 = [v[0] for v in losses.values()]
+            assert all(abs(v - l0[0]) < 1e-4 * abs(l0[0]) for v in l0), "first-step losses differ"
+    return times, first_s, losses
 
 
 def rss_mib(field: str = "VmRSS") -> float:

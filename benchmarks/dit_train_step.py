@@ -22,20 +22,26 @@ import time
 
 import diffusers
 import torch
-from _step_report import print_results, reset_peak, rss_mib  # benchmarks/ is the script's directory
+from _step_report import (  # benchmarks/ is the script's directory
+    add_common_args,
+    ours,
+    parse_args,
+    print_results,
+    rss_mib,
+    run_interleaved,
+)
 
 from functional_mm import diffusion, optim, random
 from functional_mm.models import mmdit
 from functional_mm.models.hf import mmdit as hf_mmdit
-from functional_mm.train import TrainState, make_train_step
+from functional_mm.train import make_train_step
 
 SIDES = ("diffusers eager", "diffusers compiled", "ours eager", "ours compiled")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    add_common_args(ap, SIDES)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -46,17 +52,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--qk-norm", action="store_true", help="SD3.5's RMS-normalised q/k")
     ap.add_argument("--no-hf-compile", action="store_true", help="skip the torch.compile'd diffusers column")
-    ap.add_argument(
-        "--only",
-        action="append",
-        choices=SIDES,
-        help="run only this side (repeatable): peak RSS is a per-process high-water mark, so a side's own "
-        "peak needs a process of its own",
-    )
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
 
     cfg = mmdit.MMDiTConfig(
         sample_size=args.latent, patch_size=2, in_channels=16, num_layers=args.layers, num_heads=args.heads,
@@ -84,8 +80,8 @@ def main():
         "diffusers compiled": lambda: _theirs(
             torch.compile((copy.deepcopy(hf) if "diffusers eager" in runs else hf).train()), lr, wd
         ),
-        "ours eager": lambda: _ours(make_train_step(loss_fn, tx, compile=False), params, tx),
-        "ours compiled": lambda: _ours(make_train_step(loss_fn, tx, compile=True), params, tx),
+        "ours eager": lambda: ours(make_train_step(loss_fn, tx, compile=False), params, tx),
+        "ours compiled": lambda: ours(make_train_step(loss_fn, tx, compile=True), params, tx),
     }
     if args.no_hf_compile:
         del sides["diffusers compiled"]
@@ -95,33 +91,20 @@ def main():
         if not args.only or name in args.only:
             runs[name] = make()
 
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    first_s: dict[str, float] = {}
-    losses: dict[str, list[float]] = {k: [] for k in runs}
     key = random.key(2)  # the state key every side's step i sees (ours advances its own copy in the state)
-    t_start = time.perf_counter()
-    for i in range(args.warmup + args.steps):
+
+    def inputs(i):
+        nonlocal key
         batch = _batch(random.fold_in(random.key(1), i), cfg, args)
         # What make_train_step hands loss_fn for microbatch 0, and what flow_matching_loss draws from it.
         k_noise, k_t = random.split(random.fold_in(random.split(key)[1], torch.tensor(0)))
         noise = random.normal(k_noise, batch["latents"].shape)
         sigmas, timesteps = diffusion.sample_sigmas(k_t, fm, args.batch)
         key = random.split(key)[0]
-        if i == args.warmup:
-            reset_peak()
-        names = list(runs)  # a different side goes first every step: no side always follows the batch setup
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            fn = runs[name]
-            t0 = time.perf_counter()
-            losses[name].append(float(fn(batch, noise, sigmas, timesteps)))
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-            elif i == 0:
-                first_s[name] = time.perf_counter() - t0
-        if i == 0:
-            print("first-step losses: " + ", ".join(f"{k} {v[0]:.6f}" for k, v in losses.items()), flush=True)
-            l0 = [v[0] for v in losses.values()]
-            assert all(abs(v - l0[0]) < 1e-4 * abs(l0[0]) for v in l0), "first-step losses differ"
+        return batch, noise, sigmas, timesteps
+
+    t_start = time.perf_counter()
+    times, first_s, losses = run_interleaved(runs, args, inputs)
 
     n_img, n_params = (args.latent // 2) ** 2, sum(p.numel() for p in hf.parameters())
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} threads")
@@ -162,17 +145,6 @@ def _theirs(model, lr, wd):
         loss.backward()
         opt.step()
         return loss.detach()
-
-    return run
-
-
-def _ours(step, params, tx):
-    state = TrainState.create(params, tx, random.key(2))
-
-    def run(batch, *_):  # noise and sigmas come from state.key inside the step
-        nonlocal state
-        state, metrics = step(state, batch)
-        return metrics["loss"]
 
     return run
 

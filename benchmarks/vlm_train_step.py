@@ -20,12 +20,19 @@ import time
 
 import torch
 import transformers
-from _step_report import print_results, reset_peak, rss_mib  # benchmarks/ is the script's directory
+from _step_report import (  # benchmarks/ is the script's directory
+    add_common_args,
+    ours,
+    parse_args,
+    print_results,
+    rss_mib,
+    run_interleaved,
+)
 
 from functional_mm import optim, random
 from functional_mm.models import qwen2_vl
 from functional_mm.models.hf import qwen2_vl as hf_qwen2_vl
-from functional_mm.train import TrainState, make_train_step
+from functional_mm.train import make_train_step
 
 BOS = 1
 SIDES = ("hf+torch.optim", "ours eager", "ours compiled")
@@ -33,8 +40,7 @@ SIDES = ("hf+torch.optim", "ours eager", "ours compiled")
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    add_common_args(ap, SIDES)
     ap.add_argument("--layers", type=int, default=4, help="decoder layers")
     ap.add_argument("--dim", type=int, default=256, help="decoder width (head_dim 64)")
     ap.add_argument("--mlp", type=int, default=688)
@@ -44,17 +50,7 @@ def main():
     ap.add_argument("--image", type=int, default=224, help="image side in pixels (patch 14, 2x2 merge)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument(
-        "--only",
-        action="append",
-        choices=SIDES,
-        help="run only this side (repeatable): peak RSS is a per-process high-water mark, so a side's own "
-        "peak needs a process of its own",
-    )
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(ap)
 
     heads = args.dim // 64
     cfg = qwen2_vl.Qwen2VLConfig.variant(
@@ -94,31 +90,14 @@ def main():
     loss_fn = lambda p, batch, key: qwen2_vl.loss(p, cfg, batch)
     sides = {
         "hf+torch.optim": lambda: hf_step,
-        "ours eager": lambda: _ours(make_train_step(loss_fn, tx, compile=False), params, tx),
-        "ours compiled": lambda: _ours(make_train_step(loss_fn, tx, compile=True), params, tx),
+        "ours eager": lambda: ours(make_train_step(loss_fn, tx, compile=False), params, tx),
+        "ours compiled": lambda: ours(make_train_step(loss_fn, tx, compile=True), params, tx),
     }
     runs = {name: make() for name, make in sides.items() if not args.only or name in args.only}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    first_s: dict[str, float] = {}
-    losses: dict[str, list[float]] = {k: [] for k in runs}
     t_start = time.perf_counter()
-    for i in range(args.warmup + args.steps):
-        batch = _batch(random.fold_in(random.key(1), i), cfg, args)
-        if i == args.warmup:
-            reset_peak()
-        names = list(runs)  # a different side goes first every step: no side always follows the batch setup
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            fn = runs[name]
-            t0 = time.perf_counter()
-            losses[name].append(float(fn(batch)))
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-            elif i == 0:
-                first_s[name] = time.perf_counter() - t0
-        if i == 0:
-            print("first-step losses: " + ", ".join(f"{k} {v[0]:.6f}" for k, v in losses.items()), flush=True)
-            l0 = [v[0] for v in losses.values()]
-            assert all(abs(v - l0[0]) < 1e-4 * abs(l0[0]) for v in l0), "first-step losses differ"
+    times, first_s, losses = run_interleaved(
+        runs, args, lambda i: (_batch(random.fold_in(random.key(1), i), cfg, args),)
+    )
 
     n_img = (args.image // 28) ** 2
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
@@ -154,17 +133,6 @@ def _batch(key, cfg, args):
         "pixel_values": random.normal(k_px, (args.batch * g * g, cfg.vision.patch_dim)),
         "image_grid_thw": torch.tensor([[1, g, g]] * args.batch),
     }
-
-
-def _ours(step, params, tx):
-    state = TrainState.create(params, tx, random.key(2))
-
-    def run(batch):
-        nonlocal state
-        state, metrics = step(state, batch)
-        return metrics["loss"]
-
-    return run
 
 
 if __name__ == "__main__":
