@@ -11,6 +11,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from safetensors.torch import load_file, save_file
 
 from functional_mm import pytree, random
@@ -240,6 +242,36 @@ def test_packed_segments_equal_separate_sequences():
     la, lb = llama.loss(params, cfg, {"tokens": a}), llama.loss(params, cfg, {"tokens": b})
     packed_loss = llama.loss(params, cfg, {"tokens": packed, "segment_ids": seg})
     torch.testing.assert_close(packed_loss, (4 * la + 6 * lb) / 10, atol=ATOL, rtol=RTOL)
+
+
+def test_target_loss_heads_only_the_targets_in_at_most_four_shapes():
+    cfg = llama.LlamaConfig.variant("tiny", vocab_size=VOCAB, max_seq_len=16)
+    params = llama.init(random.key(2), cfg)
+    tokens = _tokens(2, 16, seed=3)  # B * T = 32: the head runs on 8, 16, 24 or 32 rows
+    flat, treedef = pytree.flatten_with_paths(params)
+    compiled = torch.compile(lambda p, h, t: llama.target_loss(p, cfg, h, t), dynamic=False)
+    torch._dynamo.reset()
+    graphs = []
+    for counts in ((0, 1, 8, 9, 17, 31), (2, 7, 10, 23, 25)):  # the second pass reuses the first's 4 shapes
+        for n in counts:
+            where = torch.randperm(32, generator=torch.Generator().manual_seed(n))[:n]
+            targets = torch.full((32,), -100).index_fill(0, where, 0).view(2, 16)
+            targets = torch.where(targets == 0, _tokens(2, 16, seed=n), -100)
+            leaves = [x.detach().requires_grad_(True) for _, x in flat]
+            p = pytree.unflatten(treedef, leaves)
+            h = llama.apply(p, cfg, tokens, return_hidden=True)
+            ours = llama.target_loss(p, cfg, h, targets)
+            logits = llama.apply(p, cfg, tokens)  # reference: every position through the head
+            ref = F.cross_entropy(logits.view(32, -1), targets.view(32), reduction="sum") / max(n, 1)
+            torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL)
+            if n:
+                for a, b, (path, _) in zip(
+                    torch.autograd.grad(ours, leaves), torch.autograd.grad(ref, leaves), flat
+                ):
+                    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, msg=lambda m, p=path: f"{p}: {m}")
+            torch.testing.assert_close(compiled(p, h.detach(), targets), ours.detach(), atol=ATOL, rtol=RTOL)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0], "a new target count within seen buckets recompiled"
 
 
 def test_remat_policies_give_the_same_gradients():

@@ -304,8 +304,10 @@ def apply(
     attention_mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     remat_policy: Any = None,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
-    """Logits ``[B, T, V]``; ``tokens`` hold ``num_image_tokens`` placeholders per tile, tiles in row order."""
+    """Logits ``[B, T, V]``; ``tokens`` hold ``num_image_tokens`` placeholders per tile, tiles in row order.
+    ``return_hidden`` as in :func:`functional_mm.models.llama.apply`."""
     return apply_with(
         embed_inputs,
         params,
@@ -315,6 +317,7 @@ def apply(
         attention_mask=attention_mask,
         positions=positions,
         remat_policy=remat_policy,
+        return_hidden=return_hidden,
     )
 
 

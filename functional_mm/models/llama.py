@@ -54,6 +54,8 @@ __all__ = [
     "apply",
     "decode",
     "loss",
+    "next_token_targets",
+    "target_loss",
     "num_params",
     "flops_per_token",
     "init_cache",
@@ -576,6 +578,7 @@ def apply(
     segment_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     remat_policy: Any = None,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]`` for integer ``tokens: [B, T]`` (full causal forward, no cache; see :func:`decode`).
 
@@ -587,6 +590,8 @@ def apply(
     - ``inputs_embeds: [B, T, D]`` replaces ``tokens`` (pass ``tokens=None``), e.g. for multimodal inputs.
     - ``remat_policy``: ``None`` or a policy of :func:`functional_mm.autodiff.remat` (``"full"``,
       ``"selective"``, ...), applied per decoder block.
+    - ``return_hidden=True`` returns the last block's output ``[B, T, D]`` (before the final norm) instead of
+      the logits, for :func:`target_loss`.
 
     Example::
 
@@ -635,7 +640,7 @@ def apply(
     block = autodiff.remat(_block_no_cache, remat_policy)
     for p in params["layers"]:
         x = block(p, x, cfg, cos_sin, mask, is_causal)
-    return _head(params, x, cfg)
+    return x if return_hidden else _head(params, x, cfg)
 
 
 def init_cache(
@@ -770,11 +775,14 @@ def loss(
         )
     tokens = batch["tokens"]
     _check_int_bt(tokens, "batch['tokens']")
-    b, t = tokens.shape
     whole = {k: _whole(v) for k, v in batch.items()}  # the targets below are built from whole (int) tensors
-    if t < 2:
-        raise ValueError(f"batch['tokens'] needs at least 2 tokens per row for next-token loss, got T={t}")
-    logits = apply(
+    targets = next_token_targets(
+        whole["tokens"],
+        loss_mask=whole.get("loss_mask"),
+        attention_mask=whole.get("attention_mask"),
+        segment_ids=whole.get("segment_ids"),
+    )
+    h = apply(
         params,
         cfg,
         tokens,
@@ -782,25 +790,92 @@ def loss(
         attention_mask=whole.get("attention_mask"),
         segment_ids=whole.get("segment_ids"),
         remat_policy=remat_policy,
-    )  # [B, T, V]
-    tokens = whole["tokens"]
-    # Targets are the tokens shifted left, -100 (ignored) where a position does not count: the last one, and
-    # whatever the masks below rule out. Scoring all T positions avoids slicing (and copying) the logits.
+        return_hidden=True,
+    )  # [B, T, D]
+    # Without masks only the last position of a row is not a target: nothing worth a host sync to skip.
+    masked = "loss_mask" in batch or "attention_mask" in batch
+    return target_loss(params, cfg, h, targets, only_targets=masked)
+
+
+def next_token_targets(
+    tokens: torch.Tensor,
+    *,
+    loss_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    ignore_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """The next-token targets of ``tokens: [B, T]``: ``targets[:, t]`` is ``tokens[:, t+1]`` where it counts,
+    else -100 (so the last position is always -100).
+
+    Token ``t+1`` counts when ``loss_mask`` (if given) is set at ``t+1``, both it and token ``t`` are real
+    (``attention_mask``), both are in the same segment (``segment_ids``: never predict the next sample's first
+    token) and it is not one of ``ignore_ids`` (e.g. image placeholders, which carry no text to predict).
+
+    Example::
+
+        >>> next_token_targets(torch.tensor([[5, 6, 7]]), loss_mask=torch.tensor([[1, 0, 1]]))
+        tensor([[-100,    7, -100]])
+    """
+    _check_int_bt(tokens, "batch['tokens']")
+    b, t = tokens.shape
+    if t < 2:
+        raise ValueError(f"batch['tokens'] needs at least 2 tokens per row for next-token loss, got T={t}")
     valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
-    if "loss_mask" in batch:
-        valid = valid & _check_mask(whole["loss_mask"], "batch['loss_mask']", (b, t))[:, 1:]
-    if "attention_mask" in batch:
-        real = _check_mask(whole["attention_mask"], "batch['attention_mask']", (b, t))
+    if loss_mask is not None:
+        valid = valid & _check_mask(loss_mask, "batch['loss_mask']", (b, t))[:, 1:]
+    if attention_mask is not None:
+        real = _check_mask(attention_mask, "batch['attention_mask']", (b, t))
         valid = valid & real[:, 1:] & real[:, :-1]
-    if "segment_ids" in batch:
-        seg = whole["segment_ids"]
-        valid = valid & (seg[:, 1:] == seg[:, :-1])  # never predict the next sample's first token
-    targets = torch.where(valid, tokens[:, 1:], -100)
-    targets = F.pad(targets, (0, 1), value=-100)  # [B, T]
-    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
-    # Vocab-parallel when the logits are split over the vocabulary: the full [B, T, V] is never gathered.
-    ce_sum = parallelism.cross_entropy(logits.float().view(b * t, -1), targets.view(-1), reduction="sum")
-    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
+    if segment_ids is not None:
+        _check_int_bt(segment_ids, "batch['segment_ids']", (b, t))
+        valid = valid & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    for i in ignore_ids:
+        valid = valid & (tokens[:, 1:] != i)
+    return F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
+
+
+@torch.compiler.disable  # the host read is a graph break; the compiled code after it guards on rows' shape only
+def _target_rows(targets: torch.Tensor) -> torch.Tensor:
+    """Indices of the target positions of ``targets: [N]`` (in order), then non-targets up to a multiple of
+    ``N / 4`` (at least one quarter): ``-> [rows]``."""
+    n, quarter = targets.shape[0], -(-targets.shape[0] // 4)
+    rows = min(n, max(1, -(-int((targets != -100).sum()) // quarter)) * quarter)
+    # a stable sort on "is not a target" puts the targets first, in order
+    return torch.argsort((targets == -100).to(torch.uint8), stable=True)[:rows]
+
+
+def target_loss(
+    params: dict[str, Any],
+    cfg: LlamaConfig,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    only_targets: bool = True,
+) -> torch.Tensor:
+    """Mean cross entropy (float32) of the head's logits at ``h: [B, T, D]`` (``apply(...,
+    return_hidden=True)``) against ``targets: [B, T]`` (-100: not a target); 0 when nothing is a target.
+
+    With ``only_targets`` and no mesh only the target positions reach the head (padding, prompts and image
+    placeholders are often a quarter or more of the positions). Their count is read on the host (one sync;
+    a graph break under ``torch.compile``, which then compiles the step in pieces) and rounded up to a
+    quarter of ``B * T``, so a compiled step sees at most four head shapes; the rounding's extra rows are
+    non-targets and are ignored. Otherwise all positions go through the head; on a mesh the cross entropy is
+    vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`): the ``[B, T, V]`` logits are never
+    gathered.
+    """
+    b, t, d = h.shape
+    targets = targets.reshape(b * t)
+    count = (targets != -100).sum()
+    if only_targets and parallelism.current() is None:
+        keep = _target_rows(targets)  # [rows]
+        logits = _head(params, h.reshape(b * t, d).index_select(0, keep)[None], cfg)[0]  # [rows, V]
+        targets = targets.index_select(0, keep)
+    else:
+        targets = constrain(targets.view(b, t), ("act_batch", "act_seq")).view(b * t)  # split like the logits
+        logits = _head(params, h, cfg).view(b * t, -1)
+    ce_sum = parallelism.cross_entropy(logits.float(), targets, reduction="sum")
+    return ce_sum / constrain(count.clamp(min=1).to(ce_sum.dtype), ())
 
 
 def num_params(cfg: LlamaConfig) -> int:

@@ -6,7 +6,7 @@ the image placeholder tokens of the prompt; the decoder (:func:`functional_mm.mo
 ``inputs_embeds``) does the rest. The prompt must already hold ``num_image_tokens`` placeholders per image
 (:func:`expand_image_tokens` does what the HF processor does to a single ``<image>``).
 
-This module also holds the glue the other VLMs reuse: :func:`merge_embeddings`, :func:`next_token_loss` and the
+This module also holds the glue the other VLMs reuse: :func:`merge_embeddings`, :func:`batch_loss` and the
 nested-config helpers.
 
 On a mesh (inside :func:`functional_mm.parallelism.use_mesh`, params placed with :func:`default_rules`) the
@@ -66,7 +66,6 @@ __all__ = [
     "embed_inputs",
     "apply",
     "loss",
-    "next_token_loss",
     "generate",
     "generate_from_embeds",
     "num_params",
@@ -167,51 +166,6 @@ def merge_embeddings(
     names = llama._RESIDUAL[:2]  # split like the rows and positions of embeds
     picked = F.embedding(constrain(index, names), features)  # [B, T, D]
     return torch.where(constrain(slots, names)[..., None], picked, embeds)
-
-
-def next_token_loss(
-    logits: torch.Tensor,
-    tokens: torch.Tensor,
-    *,
-    loss_mask: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    ignore_ids: Sequence[int] = (),
-) -> torch.Tensor:
-    """Mean next-token cross entropy (float32) of ``logits: [B, T, V]`` against ``tokens: [B, T]``.
-
-    Token ``t+1`` is a target when ``loss_mask`` (if given) is set at ``t+1``, both it and token ``t`` are real
-    (``attention_mask``) and it is not one of ``ignore_ids`` (image / video placeholders carry no text to
-    predict). With no valid target the loss is 0.
-
-    On a mesh the ids and masks are read whole and the cross entropy is vocab-parallel
-    (:func:`functional_mm.parallelism.cross_entropy`, logits as :func:`functional_mm.models.llama.apply` lays
-    them out): the ``[B, T, V]`` logits are never gathered.
-
-    Example::
-
-        >>> logits = torch.zeros(1, 3, 4)
-        >>> round(float(next_token_loss(logits, torch.tensor([[0, 1, 2]]))), 4)   # uniform over 4: log 4
-        1.3863
-    """
-    tokens, loss_mask, attention_mask = (llama._whole(v) for v in (tokens, loss_mask, attention_mask))
-    b, t = tokens.shape
-    if logits.shape[:2] != (b, t):
-        raise ValueError(f"logits {list(logits.shape)} do not match tokens {list(tokens.shape)}")
-    valid = torch.ones(b, t - 1, dtype=torch.bool, device=tokens.device)
-    if loss_mask is not None:
-        valid = valid & (loss_mask[:, 1:] != 0)
-    if attention_mask is not None:
-        real = attention_mask != 0
-        valid = valid & real[:, 1:] & real[:, :-1]
-    for i in ignore_ids:
-        valid = valid & (tokens[:, 1:] != i)
-    # -100 where a position is not a target; scoring all T positions avoids copying the logits.
-    targets = F.pad(torch.where(valid, tokens[:, 1:], -100), (0, 1), value=-100)  # [B, T]
-    targets = constrain(targets, ("act_batch", "act_seq"))  # split like the logits' rows
-    ce_sum = parallelism.cross_entropy(
-        logits.float().reshape(b * t, -1), targets.reshape(-1), reduction="sum"
-    )
-    return ce_sum / constrain(valid.sum().clamp(min=1).to(ce_sum.dtype), ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -453,9 +407,10 @@ def apply(
     attention_mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     remat_policy: Any = None,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]``. ``tokens: [B, T]`` hold ``num_image_tokens`` placeholders per image, images in row
-    order; ``pixel_values: [n_images, C, H, W]``. ``attention_mask`` / ``positions`` as in
+    order; ``pixel_values: [n_images, C, H, W]``. ``attention_mask`` / ``positions`` / ``return_hidden`` as in
     :func:`functional_mm.models.llama.apply` (padding-aware positions by default)."""
     return apply_with(
         embed_inputs,
@@ -466,6 +421,7 @@ def apply(
         attention_mask=attention_mask,
         positions=positions,
         remat_policy=remat_policy,
+        return_hidden=return_hidden,
     )
 
 
@@ -479,6 +435,7 @@ def apply_with(
     attention_mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     remat_policy: Any = None,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
     """Logits of the Llama decoder ``params["text"]`` run on ``embed_fn(params, cfg, tokens, pixel_values)``.
     Shared by the LLaVA-style VLMs' ``apply``. On a mesh the decoder runs as
@@ -496,6 +453,7 @@ def apply_with(
         attention_mask=attention_mask,
         positions=positions,
         remat_policy=remat_policy,
+        return_hidden=return_hidden,
     )
 
 
@@ -530,20 +488,21 @@ def batch_loss(
 
     On a mesh the batch may be plain (the global batch, identical on every rank) or placed by ``shard_batch``:
     ids, masks and positions are read whole (gathered once here), ``pixel_values`` go to the tower as they are
-    and the loss is vocab-parallel (:func:`next_token_loss`)."""
+    and the loss is :func:`functional_mm.models.llama.target_loss` (only the target positions reach the head;
+    vocab-parallel on a mesh)."""
     unknown = sorted(set(batch) - set(keys))
     if unknown or "tokens" not in batch:
         raise ValueError(f"loss: batch needs 'tokens' and may hold {list(keys[1:])}; unknown keys {unknown}")
     batch = {k: v if k == "pixel_values" else llama._whole(v) for k, v in batch.items()}
-    kw = {k: batch.get(k) for k in keys[1:] if k != "loss_mask"}
-    logits = apply_fn(params, cfg, batch["tokens"], remat_policy=remat_policy, **kw)
-    return next_token_loss(
-        logits,
+    targets = llama.next_token_targets(
         batch["tokens"],
         loss_mask=batch.get("loss_mask"),
         attention_mask=batch.get("attention_mask"),
         ignore_ids=tuple(ignore_ids),
     )
+    kw = {k: batch.get(k) for k in keys[1:] if k != "loss_mask"}
+    h = apply_fn(params, cfg, batch["tokens"], remat_policy=remat_policy, return_hidden=True, **kw)
+    return llama.target_loss(params["text"], cfg.text, h, targets)
 
 
 def generate(

@@ -48,6 +48,7 @@ from torch.distributed.tensor import DTensor
 from functional_mm import autodiff, nn, parallelism, pytree, random
 from functional_mm.models import llama, vit
 from functional_mm.models.llava import (
+    batch_loss,
     check_sub,
     check_token_id,
     check_tokens,
@@ -55,7 +56,6 @@ from functional_mm.models.llava import (
     merge_overrides,
     nested_from_dict,
     nested_to_dict,
-    next_token_loss,
 )
 from functional_mm.models.vit import check_number, check_positive_int
 from functional_mm.parallelism import constrain
@@ -653,10 +653,12 @@ def apply(
     attention_mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
     remat_policy: Any = None,
+    return_hidden: bool = False,
 ) -> torch.Tensor:
     """Logits ``[B, T, V]``. ``positions`` default to :func:`rope_index` (pass ``[3, B, T]`` to override);
     ``attention_mask: [B, T]`` hides padding keys (left or right); ``remat_policy`` (see
-    :func:`functional_mm.autodiff.remat`) checkpoints each decoder and vision block.
+    :func:`functional_mm.autodiff.remat`) checkpoints each decoder and vision block; ``return_hidden`` as in
+    :func:`functional_mm.models.llama.apply`.
 
     On a mesh (inside :func:`functional_mm.parallelism.use_mesh`, params placed with :func:`default_rules`)
     the decoder runs like :func:`functional_mm.models.llama.apply` (FSDP, Megatron TP with sequence
@@ -697,7 +699,7 @@ def apply(
     block = autodiff.remat(llama._block_no_cache, remat_policy)
     for p in params["text"]["layers"]:
         x = block(p, x, cfg.text, cos_sin, mask, is_causal)
-    return llama._head(params["text"], x, cfg.text)
+    return x if return_hidden else llama._head(params["text"], x, cfg.text)
 
 
 _BATCH_KEYS = (
@@ -719,22 +721,14 @@ def loss(
 
     ``batch``: ``tokens`` and optionally the image/video inputs of :func:`apply`, ``loss_mask``,
     ``attention_mask`` and ``positions``. Token ``t+1`` is a target when its loss mask is set, both it and
-    token ``t`` are real (``attention_mask``) and it is not a placeholder (``llava.next_token_loss``'s rule).
-    On a mesh the cross entropy is vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`): the
-    ``[B, T, V]`` logits are never gathered."""
-    unknown = sorted(set(batch) - set(_BATCH_KEYS))
-    if unknown or "tokens" not in batch:
-        raise ValueError(
-            f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
-        )
+    token ``t`` are real (``attention_mask``) and it is not a placeholder
+    (:func:`functional_mm.models.llama.next_token_targets`). The loss is
+    :func:`functional_mm.models.llama.target_loss`: only the target positions reach the head; on a mesh the
+    cross entropy is vocab-parallel and the ``[B, T, V]`` logits are never gathered."""
     # Every input is read whole (gathered once here if shard_batch placed it): apply slices what it splits.
     whole = {k: _whole(v) for k, v in batch.items()}
-    kw = {k: whole.get(k) for k in _BATCH_KEYS[1:] if k != "loss_mask"}
-    logits = apply(params, cfg, whole["tokens"], remat_policy=remat_policy, **kw)  # [B, T, V]
-    return next_token_loss(
-        logits, whole["tokens"], loss_mask=whole.get("loss_mask"), attention_mask=whole.get("attention_mask"),
-        ignore_ids=(cfg.image_token_id, cfg.video_token_id),
-    )  # fmt: skip
+    ignore = (cfg.image_token_id, cfg.video_token_id)
+    return batch_loss(apply, params, cfg, whole, _BATCH_KEYS, ignore, remat_policy=remat_policy)
 
 
 # ----------------------------------------------------------------------------------------------------------------

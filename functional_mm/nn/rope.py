@@ -103,10 +103,8 @@ def cos_sin_mrope(
     if positions.dim() != 3 or positions.shape[0] != 3:
         raise ValueError(f"mrope positions must be [3, B, T], got {list(positions.shape)}")
     angles = positions.float()[..., None] * inv_freq.to(positions.device)  # [3, B, T, F]
-    axis = torch.repeat_interleave(
-        torch.arange(len(sections), device=positions.device) % 3,
-        torch.tensor(list(sections), device=positions.device),
-    )  # [F]: which of t/h/w drives each frequency
+    # [F]: which of t/h/w drives each frequency (built from the Python ints: no data-dependent op to compile)
+    axis = torch.tensor([i % 3 for i, n in enumerate(sections) for _ in range(n)], device=positions.device)
     angles = angles.gather(0, axis.view(1, 1, 1, -1).expand(1, *angles.shape[1:]))[0]  # [B, T, F]
     emb = torch.cat([angles, angles], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
