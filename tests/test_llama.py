@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
 from safetensors.torch import load_file, save_file
+from torch._dynamo.utils import counters
 
 from functional_mm import pytree, random
 from functional_mm.models import llama
