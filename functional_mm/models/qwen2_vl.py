@@ -617,7 +617,8 @@ def embed_inputs(
         feats = _features(params, cfg, px, grid, what, remat_policy)
         if feats is not None:
             x = merge_embeddings(x, whole, token_id, feats, what)
-        elif bool((whole == token_id).any()):
+        # A host check (a sync): compiled steps skip it, and rope_index's walk over the ids finds the same.
+        elif not torch.compiler.is_compiling() and bool((whole == token_id).any()):
             raise ValueError(f"tokens hold {what} placeholders but no {what} pixel values were given")
     return x
 
@@ -676,6 +677,13 @@ def apply(
     tokens, attention_mask, positions, image_grid_thw, video_grid_thw = (
         _whole(v) for v in (tokens, attention_mask, positions, image_grid_thw, video_grid_thw)
     )
+    # The host work first (grids read as ints, the M-RoPE ids walked in Python): under torch.compile these are
+    # graph breaks, and with none after them the tower and the decoder compile as one graph.
+    if image_grid_thw is not None:
+        image_grid_thw = _grids(image_grid_thw, "image_grid_thw")
+    if video_grid_thw is not None:
+        video_grid_thw = _grids(video_grid_thw, "video_grid_thw")
+    positions = _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw)
     x = embed_inputs(
         params,
         cfg,
@@ -686,7 +694,6 @@ def apply(
         video_grid_thw=video_grid_thw,
         remat_policy=remat_policy,
     )
-    positions = _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw)
     b, t = tokens.shape
     mask, is_causal = None, True
     if attention_mask is not None:
