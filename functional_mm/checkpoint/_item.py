@@ -231,14 +231,9 @@ def _snapshot(
     if t.device.type == "cpu" and not copy and t.is_contiguous():
         return _dtypes.to_numpy(t), t, None
     dst = buffer if _fits(buffer, t) else torch.empty(t.shape, dtype=t.dtype)
-    if t.device.type == "cpu" and t.is_contiguous():
-        # One single-threaded memcpy (numpy releases the GIL): the copy is memory-bound, and torch's
-        # multi-threaded copy_ was slower on a loaded machine. Bytes, so that bf16 / fp8 copy as raw bits.
-        np.copyto(
-            _dtypes.to_numpy(dst).reshape(-1).view(np.uint8), _dtypes.to_numpy(t).reshape(-1).view(np.uint8)
-        )
-    else:
-        dst.copy_(t)
+    # torch's copy uses every intra-op thread: 1 GiB in 0.075 s on the idle 2-core dev VM against 0.11 s for
+    # one memcpy thread (the caller waits for this copy, so the cores are otherwise idle).
+    dst.copy_(t)
     return _dtypes.to_numpy(dst), None, dst
 
 
