@@ -856,26 +856,37 @@ def target_loss(
     """Mean cross entropy (float32) of the head's logits at ``h: [B, T, D]`` (``apply(...,
     return_hidden=True)``) against ``targets: [B, T]`` (-100: not a target); 0 when nothing is a target.
 
-    With ``only_targets`` and no mesh only the target positions reach the head (padding, prompts and image
-    placeholders are often a quarter or more of the positions). Their count is read on the host (one sync;
-    a graph break under ``torch.compile``, which then compiles the step in pieces) and rounded up to a
-    quarter of ``B * T``, so a compiled step sees at most four head shapes; the rounding's extra rows are
-    non-targets and are ignored. Otherwise all positions go through the head; on a mesh the cross entropy is
-    vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`): the ``[B, T, V]`` logits are never
-    gathered.
+    With ``only_targets``, without a mesh or on a data-parallel one (FSDP / DP, each rank on its own rows),
+    only the target positions reach the head (padding, prompts and image placeholders are often a quarter or
+    more of the positions). Their count is read on the host (one sync; a graph break under ``torch.compile``)
+    and rounded up to a quarter of the rows' positions, so a compiled step sees at most four head shapes; the
+    rounding's extra positions are non-targets and are ignored. Otherwise all positions go through the head;
+    under ``tp`` the cross entropy is vocab-parallel (:func:`functional_mm.parallelism.cross_entropy`): the
+    ``[B, T, V]`` logits are never gathered.
     """
+    count = (targets != -100).sum()
+    # split like h's rows (the global batch's targets are the same on every rank)
+    total = _row_losses(params, h, parallelism.rows_like(targets, h), cfg, only_targets).sum()
+    return constrain(total, ()) / constrain(count.clamp(min=1).to(total.dtype), ())
+
+
+@parallelism.local_rows
+def _row_losses(params, h: torch.Tensor, targets: torch.Tensor, cfg: LlamaConfig, only_targets: bool):
+    """Each row's summed cross entropy ``[B]`` on plain tensors (no mesh, or each rank's own rows); on
+    DTensors (``tp`` / ``cp``) the sum over every position, a 0-d tensor (vocab-parallel)."""
     b, t, d = h.shape
     targets = targets.reshape(b * t)
-    count = (targets != -100).sum()
-    if only_targets and parallelism.current() is None:
-        keep = _target_rows(targets)  # [rows]
-        logits = _head(params, h.reshape(b * t, d).index_select(0, keep)[None], cfg)[0]  # [rows, V]
-        targets = targets.index_select(0, keep)
-    else:
+    if parallelism.current() is not None:
         targets = constrain(targets.view(b, t), ("act_batch", "act_seq")).view(b * t)  # split like the logits
         logits = _head(params, h, cfg).view(b * t, -1)
-    ce_sum = parallelism.cross_entropy(logits.float(), targets, reduction="sum")
-    return ce_sum / constrain(count.clamp(min=1).to(ce_sum.dtype), ())
+        return parallelism.cross_entropy(logits.float(), targets, reduction="sum")
+    if not only_targets:
+        logits = _head(params, h, cfg).view(b * t, -1)
+        return F.cross_entropy(logits.float(), targets, reduction="none").view(b, t).sum(1)
+    keep = _target_rows(targets)  # [rows]
+    logits = _head(params, h.reshape(b * t, d).index_select(0, keep)[None], cfg)[0]  # [rows, V]
+    ce = F.cross_entropy(logits.float(), targets.index_select(0, keep), reduction="none")
+    return ce.new_zeros(b).index_add(0, keep // t, ce)  # [B]
 
 
 def num_params(cfg: LlamaConfig) -> int:
