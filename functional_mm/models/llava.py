@@ -489,7 +489,7 @@ def batch_loss(
     On a mesh the batch may be plain (the global batch, identical on every rank) or placed by ``shard_batch``:
     ids, masks and positions are read whole (gathered once here), ``pixel_values`` go to the tower as they are
     and the loss is :func:`functional_mm.models.llama.target_loss` (only the target positions reach the head;
-    vocab-parallel on a mesh)."""
+    vocab-parallel under ``tp``)."""
     unknown = sorted(set(batch) - set(keys))
     if unknown or "tokens" not in batch:
         raise ValueError(f"loss: batch needs 'tokens' and may hold {list(keys[1:])}; unknown keys {unknown}")

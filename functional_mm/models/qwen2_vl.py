@@ -730,8 +730,8 @@ def loss(
     ``attention_mask`` and ``positions``. Token ``t+1`` is a target when its loss mask is set, both it and
     token ``t`` are real (``attention_mask``) and it is not a placeholder
     (:func:`functional_mm.models.llama.next_token_targets`). The loss is
-    :func:`functional_mm.models.llama.target_loss`: only the target positions reach the head; on a mesh the
-    cross entropy is vocab-parallel and the ``[B, T, V]`` logits are never gathered."""
+    :func:`functional_mm.models.llama.target_loss`: only the target positions reach the head; under ``tp``
+    the cross entropy is vocab-parallel and the ``[B, T, V]`` logits are never gathered."""
     # Every input is read whole (gathered once here if shard_batch placed it): apply slices what it splits.
     whole = {k: _whole(v) for k, v in batch.items()}
     ignore = (cfg.image_token_id, cfg.video_token_id)
