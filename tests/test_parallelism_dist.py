@@ -9,7 +9,6 @@ import contextlib
 import os
 import re
 import time
-import warnings
 
 import pytest
 import torch
@@ -310,22 +309,9 @@ def _four_ranks() -> dict:
     return {k: [g[k] for g in gathered] for k in out}
 
 
-# A rank's native crash (not a Python error), seen twice in ~30 full runs and never in isolation: heap
-# corruption ("malloc(): unaligned tcache chunk detected", SIGABRT; once SIGSEGV) inside gloo all-gathers run
-# under CommDebugMode, the other ranks then losing their connection. One retry keeps that out of CI; the
-# warning keeps it visible. Python-level failures are never retried.
-_NATIVE_CRASH = re.compile(r"died with exit code -\d+|Connection reset by peer|Connection closed by peer")
-
-
 @pytest.fixture(scope="module")
 def four():
-    try:
-        return run_local(_four_ranks, 4, timeout=150)
-    except RankError as e:
-        if not _NATIVE_CRASH.search(str(e)):
-            raise
-        warnings.warn(f"4-rank fixture: a rank crashed natively, retrying once: {str(e)[:300]}", stacklevel=1)
-        return run_local(_four_ranks, 4, timeout=150)
+    return run_local(_four_ranks, 4, timeout=150)
 
 
 def test_shard_gather_roundtrip_on_2x2_and_fsdp4(four):

@@ -43,8 +43,10 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
     Always a ``redistribute`` (even when nothing moves), so the gradient arrives in ``w``'s own placements:
     reduce-scattered over ``fsdp``, all-reduced over ``dp``. (Used as is, a ``Shard`` weight would be gathered
     by DTensor's op propagation and its gradient left ``Partial``; see the package docstring.) The collectives
-    are asynchronous in eager mode: the gathered weight and the gradient are waited for at their first use
-    (a gradient that is never used leaves torch's "wait_tensor() is not invoked" warning at exit).
+    are asynchronous in eager mode on accelerators: the gathered weight and the gradient are waited for at
+    their first use (a gradient that is never used leaves torch's "wait_tensor() is not invoked" warning at
+    exit). On CPU meshes (gloo) they are synchronous: DTensor's asynchronous redistribute corrupts the heap
+    there (torch 2.13).
 
     Example::
 
@@ -60,8 +62,11 @@ def use_param(w: torch.Tensor, gather: Sequence[str] = DATA_AXES) -> torch.Tenso
         Replicate() if name in gather else p for name, p in zip(names, w.placements, strict=True)
     )
     # async: the all-gathers of a layer's weights are all in flight before the first one is waited for (at its
-    # first use), and the reduce-scatters of the gradients overlap the rest of the backward.
-    w = w.redistribute(mesh, placements, async_op=True)
+    # first use), and the reduce-scatters of the gradients overlap the rest of the backward. Not on gloo (CPU
+    # meshes): there DTensor's async redistribute corrupts the heap now and then (torch 2.13: 3 of 3 four-rank
+    # runs of 60 gather / reduce-scatter rounds aborted, "malloc(): unaligned tcache chunk detected" or
+    # SIGSEGV; 0 of 3 synchronous, and 0 of 3 through _bucket.py's functional collectives).
+    w = w.redistribute(mesh, placements, async_op=mesh.device_type != "cpu")
     if in_local_region():  # the local rows' gradient is this rank's part of the sum over the gathered axes
         return w.to_local(
             grad_placements=[Partial() if name in gather else p for name, p in zip(names, placements)]
