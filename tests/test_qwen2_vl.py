@@ -190,6 +190,20 @@ def test_rope_index_errors_name_the_problem():
         qwen2_vl.rope_index(torch.tensor([[1, 2]]), cfg, video_grid_thw=[[2, 2, 2]])
 
 
+def test_placeholders_without_pixels_raise_eagerly_and_compiled():
+    cfg = qwen2_vl.Qwen2VLConfig.variant("tiny")
+    params = qwen2_vl.init(random.key(1), cfg)
+    tokens = torch.tensor([[BOS, VS, *[cfg.image_token_id] * 4, VE, 5]])
+    positions = torch.arange(8).expand(3, 1, 8)  # given: rope_index's own check does not run
+    msg = "tokens hold image placeholders but no image pixel values were given"
+    with pytest.raises(ValueError, match=msg):
+        qwen2_vl.embed_inputs(params, cfg, tokens)
+    compiled = torch.compile(lambda p, t, pos: qwen2_vl.apply(p, cfg, t, positions=pos), dynamic=False)
+    for fn in (lambda p, t, pos: qwen2_vl.apply(p, cfg, t, positions=pos), compiled):
+        with pytest.raises(ValueError, match=msg):
+            fn(params, tokens, positions)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # parity
 

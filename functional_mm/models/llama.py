@@ -773,10 +773,8 @@ def loss(
         raise ValueError(
             f"loss: batch needs 'tokens' and may hold {list(_BATCH_KEYS[1:])}; unknown keys {unknown}"
         )
-    tokens = batch["tokens"]
-    _check_int_bt(tokens, "batch['tokens']")
     whole = {k: _whole(v) for k, v in batch.items()}  # the targets below are built from whole (int) tensors
-    targets = next_token_targets(
+    targets = next_token_targets(  # validates the tokens and masks
         whole["tokens"],
         loss_mask=whole.get("loss_mask"),
         attention_mask=whole.get("attention_mask"),
@@ -785,7 +783,7 @@ def loss(
     h = apply(
         params,
         cfg,
-        tokens,
+        batch["tokens"],
         positions=whole.get("positions"),
         attention_mask=whole.get("attention_mask"),
         segment_ids=whole.get("segment_ids"),

@@ -617,10 +617,19 @@ def embed_inputs(
         feats = _features(params, cfg, px, grid, what, remat_policy)
         if feats is not None:
             x = merge_embeddings(x, whole, token_id, feats, what)
-        # A host check (a sync): compiled steps skip it, and rope_index's walk over the ids finds the same.
-        elif not torch.compiler.is_compiling() and bool((whole == token_id).any()):
-            raise ValueError(f"tokens hold {what} placeholders but no {what} pixel values were given")
+    # A host check (a sync, a graph break under torch.compile, where apply has made it before any tensor math)
+    if not torch.compiler.is_compiling():
+        _check_pixels_given(cfg, whole, pixel_values, pixel_values_videos)
     return x
+
+
+def _check_pixels_given(cfg: Qwen2VLConfig, tokens: torch.Tensor, pixel_values, pixel_values_videos) -> None:
+    for token_id, px, what in (
+        (cfg.image_token_id, pixel_values, "image"),
+        (cfg.video_token_id, pixel_values_videos, "video"),
+    ):
+        if px is None and bool((tokens == token_id).any()):
+            raise ValueError(f"tokens hold {what} placeholders but no {what} pixel values were given")
 
 
 def _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw):
@@ -684,6 +693,7 @@ def apply(
     if video_grid_thw is not None:
         video_grid_thw = _grids(video_grid_thw, "video_grid_thw")
     positions = _positions(cfg, tokens, positions, attention_mask, image_grid_thw, video_grid_thw)
+    _check_pixels_given(cfg, tokens, pixel_values, pixel_values_videos)
     x = embed_inputs(
         params,
         cfg,
